@@ -1,0 +1,210 @@
+"""The `forgelab` command: one LightningCLI for every project, plus the projects' own commands.
+
+    forgelab fit --config configs/trainer/default.yaml --config configs/inpaint_probe/tiny.yaml
+    forgelab test --config ... --ckpt_path runs/inpaint_probe/<run>/checkpoints/last.ckpt
+    forgelab <command> ...      # extract, probe, augment, sweep, compare ... (entry points `forgelab.commands`)
+
+Model and data are given in subclass mode (`class_path` + `init_args`), so one trainer config schema serves all
+projects and trainer presets (configs/trainer/*.yaml) stack with any project config by repeated `--config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from common.errors import ConfigError, ForgelabError
+from common.io import write_json
+from common.runs import (
+    RUN_DIR_ENV,
+    DataHealthCallback,
+    RunConfigCallback,
+    RunSettings,
+    build_loggers,
+    resolve_run_dir,
+    start_run_record,
+)
+
+log = logging.getLogger("forgelab")
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class ForgelabCLI(LightningCLI):
+    """LightningCLI with per-run directories, CSV + W&B loggers, checkpointing on the model's validation monitor,
+    a data-health report, and test-after-fit on the best validation checkpoint."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        self.run_dir: Path | None = None
+        self.settings = RunSettings()
+        super().__init__(
+            model_class=L.LightningModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=True,
+            parser_kwargs={"default_env": False},
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunSettings, "run")
+
+    # -- run directory ---------------------------------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.settings = RunSettings(**_as_dict(config.get("run")))
+        if self.subcommand in ("validate", "test", "predict") and self.settings.job_type == "train":
+            self.settings.job_type = self.subcommand
+        model_class_path = (config.get("model") or {}).get("class_path") if config.get("model") else None
+        ckpt_path = config.get("ckpt_path") if self.subcommand else None
+        run_dir, resumed = resolve_run_dir(self.settings, model_class_path, ckpt_path)
+        self.run_dir = run_dir
+        os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # DDP children launched later inherit this run
+        self.run_record = start_run_record(
+            run_dir, self.settings, resumed, config.get("seed_everything"), sys.argv
+        )
+        if _global_rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "run.json", self.run_record)
+        log.info("run directory: %s (%s)", run_dir, "resumed" if resumed else "new")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            if isinstance(err, ForgelabError):
+                raise
+            raise ConfigError(f"invalid config: {err}") from err
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={}) or {}
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            monitor = getattr(self.model, "monitor", None)
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=str(self.run_dir / "checkpoints"),
+                    filename="best-epoch{epoch:03d}-step{step}" if monitor else "epoch{epoch:03d}-step{step}",
+                    monitor=monitor,
+                    mode=getattr(self.model, "monitor_mode", "min"),
+                    save_last=True,
+                    save_top_k=1,
+                    auto_insert_metric_name=False,
+                )
+            )
+        callbacks.append(DataHealthCallback())
+        kwargs["callbacks"] = callbacks
+        kwargs["default_root_dir"] = str(self.run_dir)
+        logger = trainer_config.get("logger")
+        if logger is None or logger is True:
+            kwargs["logger"] = build_loggers(self.settings, self.run_dir, self.run_record)
+        return super().instantiate_trainer(**kwargs)
+
+    # -- after fit: test the best validation checkpoint ------------------------------------------------------
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.interrupted:
+            return
+        has_test = getattr(self.datamodule, "has_split", lambda split: False)("test")
+        if self.settings.test_after_fit and has_test:
+            checkpoint = trainer.checkpoint_callback
+            best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
+            ckpt_path = best if best and not trainer.fast_dev_run else None
+            if ckpt_path:
+                log.info("testing the best validation checkpoint %s", ckpt_path)
+            trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+        if trainer.is_global_zero:
+            print(f"forgelab: run files in {self.run_dir}", file=sys.stderr)
+
+
+def _as_dict(namespace: Any) -> dict[str, Any]:
+    if namespace is None:
+        return {}
+    if hasattr(namespace, "as_dict"):
+        return namespace.as_dict()
+    return dict(namespace)
+
+
+def _global_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                pass
+    return 0
+
+
+def extra_commands() -> dict[str, Any]:
+    """Commands contributed by projects through the `forgelab.commands` entry-point group."""
+    return {ep.name: ep for ep in entry_points(group="forgelab.commands")}
+
+
+def _print_overview(commands: dict[str, Any]) -> None:
+    lines = [
+        "usage: forgelab <command> [options]",
+        "",
+        "Trainer commands (LightningCLI; `forgelab <command> --help` for all options):",
+        "  fit        train a model:     forgelab fit --config configs/trainer/cpu.yaml --config <project config>",
+        "  validate   run validation",
+        "  test       test a checkpoint: forgelab test --config <config> --ckpt_path <ckpt>",
+        "  predict    score a folder and write predictions.csv",
+    ]
+    if commands:
+        lines += ["", "Project commands:"]
+        for name, ep in sorted(commands.items()):
+            lines.append(f"  {name:<10} ({ep.value})")
+    print("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point."""
+    logging.basicConfig(
+        level=os.environ.get("FORGELAB_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
+    )
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `wandb agent` re-runs pre-empted sweep runs with an extra `--_wandb=...` argument jsonargparse rejects.
+    args = [a for a in args if not a.startswith("--_wandb")]
+    commands = extra_commands()
+    if not args or args[0] in ("-h", "--help"):
+        _print_overview(commands)
+        return
+    inherited_run_dir = os.environ.get(RUN_DIR_ENV)
+    try:
+        if args[0] in commands and args[0] not in TRAINER_COMMANDS:
+            command: Callable[[list[str]], Any] = commands[args[0]].load()
+            command(args[1:])
+        else:
+            ForgelabCLI(args=args)
+    except ForgelabError as err:
+        print(f"forgelab: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:  # the next run in this process (a sweep, a test) must not inherit this run's directory or W&B run
+        if inherited_run_dir is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        finish_wandb_run()
+
+
+def finish_wandb_run() -> None:
+    """Close the process's W&B run: WandbLogger reuses an active `wandb.run`, which would merge the next run
+    started in this process into this one, and an offline run's file is complete only once finished."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    main()

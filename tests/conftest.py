@@ -1,0 +1,70 @@
+"""Shared fixtures. Tests never touch the network or W&B servers and run on CPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_rgb(path: Path, size: tuple[int, int] = (40, 32), seed: int = 0, fmt: str | None = None) -> Path:
+    """A small random RGB image on disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def realfake_root(tmp_path: Path) -> Path:
+    """<root>/<generator>/0_real|1_fake with 6 + 6 images for two generators, one with a class level."""
+    root = tmp_path / "rf"
+    seed = 0
+    for generator, cls in (("gan", None), ("ldm", "cat")):
+        for label_dir in ("0_real", "1_fake"):
+            for i in range(6):
+                parts = [generator] + ([cls] if cls else []) + [label_dir, f"img.{i}.v2.png"]
+                write_rgb(root.joinpath(*parts), seed=seed)
+                seed += 1
+    return root
+
+
+# One small world for every test that needs the toy world's layout (64 px, a few images per class).
+SMALL_TOY_SPEC_KWARGS: dict = {
+    "image_size": 64,
+    "supersample": 1,
+    "parts_train": 2,
+    "parts_val": 1,
+    "parts_test": 1,
+    "realfake_train": 8,
+    "realfake_val": 4,
+    "realfake_test": 4,
+}
+
+
+def small_toy_spec():
+    from common.data.toy_world import ToyWorldSpec
+
+    return ToyWorldSpec(**SMALL_TOY_SPEC_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def small_toy_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small toy world, generated once per test session."""
+    from common.data.toy_world import generate_toy_world
+
+    return generate_toy_world(tmp_path_factory.mktemp("toy") / "toy_world", small_toy_spec())
