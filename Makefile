@@ -39,8 +39,8 @@ bench: $(VENV)/.ready
 ## Re-pin requirements.lock from pyproject.toml (needs the package index).
 lock:
 	rm -rf /tmp/forgelab-lock && python3 -m venv /tmp/forgelab-lock
-	/tmp/forgelab-lock/bin/pip install --quiet '.[dev]'
-	{ head -n2 requirements.lock; echo "setuptools==$$(/tmp/forgelab-lock/bin/python -c 'import setuptools; print(setuptools.__version__)')"; \
+	/tmp/forgelab-lock/bin/pip install --quiet '.[dev]' wheel
+	{ head -n2 requirements.lock; echo "setuptools==$$(/tmp/forgelab-lock/bin/python -c "import setuptools; print(setuptools.__version__)")"; echo "wheel==$$(/tmp/forgelab-lock/bin/python -c "import wheel; print(wheel.__version__)")"; \
 	  /tmp/forgelab-lock/bin/pip freeze --exclude-editable | grep -v '^forgelab'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 

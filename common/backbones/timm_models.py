@@ -86,7 +86,7 @@ def _create_tiny(name: str, *, num_classes: int, **timm_kwargs: Any) -> nn.Modul
     arch, _ = split_model_name_tag(name)
     family_module = model_entrypoint(arch).__module__  # also rejects unknown names with timm's own message
     if arch.startswith("convnext"):
-        tiny = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
+        tiny = {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128), "ls_init_value": 1.0}
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **(tiny | timm_kwargs))
     if arch.startswith("resnet") and family_module == "timm.models.resnet":
         # resnetv2_* and the CLIP/byobnet "resnet" names are other classes with other arguments.
