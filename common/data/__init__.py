@@ -10,11 +10,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from common.data.captioned import CaptionedDataset, CaptionedParts, CaptionedSample, collate_captioned
     from common.data.images import IMAGE_EXTENSIONS, ImageDecodeError, SkipLog, load_rgb
     from common.data.realfake import RealFakeDataset, RealFakeFolder, collate_skipping
     from common.data.samples import DatasetLayoutError, Sample, index_source
 
 _EXPORTS = {
+    "CaptionedDataset": "captioned",
+    "CaptionedParts": "captioned",
+    "CaptionedSample": "captioned",
+    "collate_captioned": "captioned",
     "IMAGE_EXTENSIONS": "images",
     "ImageDecodeError": "images",
     "SkipLog": "images",
