@@ -203,3 +203,19 @@ def test_test_perturbation_changes_pixels_deterministically(realfake_root):
     a, b = next(iter(clean.test_dataloader())), next(iter(noisy.test_dataloader()))
     assert not torch.equal(a["image"], b["image"])
     assert torch.equal(b["image"], next(iter(noisy.test_dataloader()))["image"])
+
+
+def test_several_roots_are_concatenated(realfake_root):
+    dm = RealFakeFolder(
+        train_root=[str(realfake_root / "gan"), f"ldm={realfake_root / 'ldm'}"],
+        test_root=[f"ldm={realfake_root / 'ldm'}"],
+        num_workers=0,
+    )
+    dm.setup("fit")
+    assert len(dm.samples["train"]) + len(dm.samples["val"]) == 24
+    assert dm.generator_names("test") == ["ldm"] and dm.generators == ["gan", "ldm"]
+
+
+def test_named_root_holds_one_generator_with_class_folders(realfake_root):
+    samples = index_source(f"progan={realfake_root / 'ldm'}")
+    assert {s.generator for s in samples} == {"progan"} and {s.subclass for s in samples} == {"cat"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -88,6 +89,15 @@ def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def index_sources(sources: str | Sequence[str], skips: SkipLog) -> list[Sample]:
+    """Index one source or concatenate several (each must hold usable images)."""
+    if isinstance(sources, (str, Path)):
+        return index_source(sources, skips)
+    if not sources:
+        raise DatasetLayoutError("an empty list of data roots was given")
+    return [sample for source in sources for sample in index_source(source, skips)]
+
+
 def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Split by a hash of (seed, path) within each (generator, label) stratum: stable when files are added."""
     if not 0.0 < val_fraction < 1.0:
@@ -108,9 +118,10 @@ class RealFakeFolder(L.LightningDataModule):
     """Real-vs-generated images from CNNDetection-style folders or CSV/JSONL manifests.
 
     Args:
-        train_root: folder or manifest for training (and validation when `val_root` is None).
-        test_root: folder or manifest for testing; generator sub-folders become the per-generator report.
-        val_root: separate validation folder/manifest. When None, `val_fraction` of `train_root` is held out.
+        train_root: folder or manifest for training (and validation when `val_root` is None), or a list of them
+            (e.g. the toy world plus a generated set written elsewhere); the same for val_root and test_root.
+        test_root: folder(s) or manifest(s) for testing; generator sub-folders become the per-generator report.
+        val_root: separate validation folder(s)/manifest(s). When None, `val_fraction` of `train_root` is held out.
         predict_root: any folder of images (labels read from 0_real/1_fake parents when present).
         image_size: side of the square network input (the paper: 384 for ConvNeXt-XL).
         resize: "resize" (the paper's choice: whole image rescaled), "center_crop" or "random_crop"
@@ -122,9 +133,9 @@ class RealFakeFolder(L.LightningDataModule):
 
     def __init__(
         self,
-        train_root: str | None = None,
-        test_root: str | None = None,
-        val_root: str | None = None,
+        train_root: str | list[str] | None = None,
+        test_root: str | list[str] | None = None,
+        val_root: str | list[str] | None = None,
         predict_root: str | None = None,
         image_size: int = 384,
         resize: ResizeMode = "resize",
@@ -175,9 +186,9 @@ class RealFakeFolder(L.LightningDataModule):
 
             ensure_toy_world(self.toy_world)
         if self.train_root:
-            train = index_source(self.train_root, self.skips)
+            train = index_sources(self.train_root, self.skips)
             if self.val_root:
-                self.samples["train"], self.samples["val"] = train, index_source(self.val_root, self.skips)
+                self.samples["train"], self.samples["val"] = train, index_sources(self.val_root, self.skips)
             else:
                 self.samples["train"], self.samples["val"] = stratified_split(train, self.val_fraction, self.split_seed)
             if not self.samples["train"]:
@@ -188,7 +199,7 @@ class RealFakeFolder(L.LightningDataModule):
                     f"training data {self.train_root} has labels {sorted(labels)}: both 0_real and 1_fake are needed"
                 )
         if self.test_root:
-            self.samples["test"] = index_source(self.test_root, self.skips)
+            self.samples["test"] = index_sources(self.test_root, self.skips)
         if self.predict_root:
             self.samples["predict"] = index_image_folder(self.predict_root, self.skips)
         self.generators = sorted({s.generator for split in self.samples.values() for s in split})

@@ -47,7 +47,14 @@ class DatasetLayoutError(ForgelabError, ValueError):
 
 
 def index_source(source: str | Path, skips: SkipLog | None = None) -> list[Sample]:
-    """Index a CNNDetection-style folder or a .csv/.jsonl manifest; errors name the path and what was expected."""
+    """Index a CNNDetection-style folder or a .csv/.jsonl manifest; errors name the path and what was expected.
+
+    `<name>=<folder>` declares the folder to hold ONE generator called `name`, whose sub-folders are classes
+    (CNNDetection's training folder: `progan=dataset/train` with `dataset/train/<class>/0_real|1_fake`).
+    """
+    generator = None
+    if isinstance(source, str) and "=" in source and not Path(source).exists():
+        generator, _, source = source.partition("=")
     source = Path(source)
     skips = skips or SkipLog(str(source))
     if not source.exists():
@@ -57,17 +64,20 @@ def index_source(source: str | Path, skips: SkipLog | None = None) -> list[Sampl
             raise DatasetLayoutError(f"{source}: a manifest must be .csv or .jsonl, got {source.suffix!r}")
         samples = read_manifest(source, skips)
     else:
-        samples = index_realfake_folder(source, skips)
+        samples = index_realfake_folder(source, skips, generator=generator)
     if not samples:
         raise DatasetLayoutError(f"no usable images found in {source} ({skips.summary() or 'nothing to index'})")
     return samples
 
 
-def index_realfake_folder(root: str | Path, skips: SkipLog | None = None) -> list[Sample]:
+def index_realfake_folder(
+    root: str | Path, skips: SkipLog | None = None, generator: str | None = None
+) -> list[Sample]:
     """Walk `<root>/<generator>/[<class>/]0_real|1_fake/*`.
 
     `root` may also be a single generator folder (`<root>/0_real`, `<root>/1_fake`), whose name is then the
-    generator. Files are sorted so the index, and hence any split of it, is the same on every machine.
+    generator. With `generator` given, the whole root is that generator and its first-level folders are classes.
+    Files are sorted so the index, and hence any split of it, is the same on every machine.
     """
     root = Path(root)
     skips = skips or SkipLog(str(root))
@@ -86,9 +96,12 @@ def index_realfake_folder(root: str | Path, skips: SkipLog | None = None) -> lis
     samples: list[Sample] = []
     for label_dir in label_dirs:
         relative = label_dir.relative_to(root).parts
-        generator = relative[0] if len(relative) > 1 else root.name
         label = 0 if label_dir.name == REAL_DIR else 1
-        class_name = relative[1] if len(relative) > 2 else None
+        if generator is not None:
+            sample_generator, class_name = generator, (relative[0] if len(relative) > 1 else None)
+        else:
+            sample_generator = relative[0] if len(relative) > 1 else root.name
+            class_name = relative[1] if len(relative) > 2 else None
         for entry in sorted(os.scandir(label_dir), key=lambda e: e.name):
             if not entry.is_file(follow_symlinks=True):
                 continue
@@ -98,7 +111,7 @@ def index_realfake_folder(root: str | Path, skips: SkipLog | None = None) -> lis
             if entry.stat().st_size == 0:
                 skips.record(entry.path, "empty")
                 continue
-            samples.append(Sample(entry.path, label, generator, subclass=class_name))
+            samples.append(Sample(entry.path, label, sample_generator, subclass=class_name))
     return samples
 
 
