@@ -84,8 +84,12 @@ class ForgelabCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:
-            if isinstance(err, ForgelabError):
+        except (ValueError, TypeError, RuntimeError) as err:
+            # jsonargparse wraps errors raised in __init__ of subclass-mode classes: surface the original one
+            cause = _user_error_in_chain(err)
+            if cause is not None:
+                raise cause from None
+            if isinstance(err, RuntimeError):
                 raise
             raise ConfigError(f"invalid config: {err}") from err
 
@@ -128,6 +132,32 @@ class ForgelabCLI(LightningCLI):
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
         if trainer.is_global_zero:
             print(f"forgelab: run files in {self.run_dir}", file=sys.stderr)
+
+
+def _user_error_in_chain(err: BaseException) -> BaseException | None:
+    """The first ForgelabError or plain ValueError raised by our code in an exception's cause/context chain."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ForgelabError):
+            return current
+        if current is not err and type(current) is ValueError and _raised_by_us(current):
+            return ConfigError(str(current))
+        stack += [current.__cause__, current.__context__]
+    return None
+
+
+def _raised_by_us(err: BaseException) -> bool:
+    """Whether the innermost frame of `err` is forgelab code (common/ or projects/)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return f"{os.sep}common{os.sep}" in filename or f"{os.sep}projects{os.sep}" in filename
 
 
 def _as_dict(namespace: Any) -> dict[str, Any]:
