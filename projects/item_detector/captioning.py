@@ -73,19 +73,19 @@ def clean_caption(text: str) -> str:
 
 
 class DatasetCaptioner:
-    """The caption column of the data manifest (oracle)."""
+    """The caption column of the data manifest (oracle). A row without one gets the empty caption (counted as
+    `caption_empty`); data with no captions at all is a configuration error."""
 
     def __call__(self, images: Sequence[torch.Tensor], samples: Sequence[Sample]) -> list[str]:
         return [clean_caption(sample.caption or "") for sample in samples]
 
     @staticmethod
     def check(samples: Sequence[Sample]) -> None:
-        missing = [s.path for s in samples if s.caption is None]
-        if missing:
+        if samples and all(s.caption is None for s in samples):
             raise DatasetLayoutError(
-                f"captioner 'dataset' needs a caption for every image, {len(missing)} have none "
-                f"(e.g. {missing[0]}): use a .jsonl/.csv manifest with a caption column as the data root, "
-                f"e.g. data/toy_world/realfake/train.jsonl"
+                f"captioner 'dataset' reads captions from the data manifest, but none of the {len(samples)} "
+                f"images under e.g. {samples[0].path} has one: use a .jsonl/.csv manifest with a caption column "
+                f"as the data root (e.g. data/toy_world/realfake/train.jsonl), or a generative captioner"
             )
 
 
@@ -110,7 +110,9 @@ class GenerativeCaptioner:
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[torch.Tensor], samples: Sequence[Sample]) -> list[str]:
-        kwargs: dict[str, Any] = {"images": list(images), "return_tensors": "pt", "do_rescale": False}
+        # Float [0, 1] tensors, channels first: no rescaling, and no guessing the layout of tiny crops.
+        kwargs: dict[str, Any] = {"images": list(images), "return_tensors": "pt"}
+        kwargs |= {"do_rescale": False, "input_data_format": "channels_first"}
         if self.prompt is not None:
             kwargs |= {"text": [self.prompt] * len(images), "padding": True}
         inputs = self.processor(**kwargs).to(self.device)

@@ -86,7 +86,7 @@ class ClipEncoder:
     def _pixels(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.config.library == "transformers":
             pixels = self.processor.image_processor(
-                images=list(images), do_rescale=False, return_tensors="pt"
+                images=list(images), do_rescale=False, input_data_format="channels_first", return_tensors="pt"
             )
             pixels = pixels["pixel_values"]
         else:
@@ -109,7 +109,8 @@ class ClipEncoder:
         """Tokens of each text with its start/end tokens, before truncation."""
         if self.config.library == "transformers":
             return [
-                len(ids) + 2 for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+                len(ids) + 2
+                for ids in self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
             ]
         encode = getattr(self.tokenizer, "encode", None)
         if encode is None:  # an open_clip HF tokenizer: it truncates like CLIP's; count what it keeps

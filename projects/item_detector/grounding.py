@@ -185,7 +185,8 @@ def assign_phrases(
 
 
 class DatasetGrounder:
-    """The manifest's boxes and phrases (oracle), score 1."""
+    """The manifest's boxes and phrases (oracle), score 1. A row without boxes grounds nothing (counted as
+    `no_objects`); data with no boxes at all is a configuration error."""
 
     def __call__(
         self, images: Sequence[torch.Tensor], captions: Sequence[str], samples: Sequence[Sample]
@@ -193,17 +194,19 @@ class DatasetGrounder:
         out = []
         for sample in samples:
             boxes = torch.tensor(sample.boxes or [], dtype=torch.float32).reshape(-1, 4)
-            out.append(Grounding(list(sample.phrases or []), boxes, torch.ones(len(boxes))))
+            phrases = list(sample.phrases or [])
+            if len(phrases) != len(boxes):  # read_manifest rejects this; a hand-made Sample might not
+                raise DatasetLayoutError(f"{sample.path}: {len(boxes)} boxes but {len(phrases)} phrases")
+            out.append(Grounding(phrases, boxes, torch.ones(len(boxes))))
         return out
 
     @staticmethod
     def check(samples: Sequence[Sample]) -> None:
-        missing = [s.path for s in samples if s.boxes is None or s.phrases is None]
-        if missing:
+        if samples and all(s.boxes is None for s in samples):
             raise DatasetLayoutError(
-                f"grounder 'dataset' needs boxes and phrases for every image, {len(missing)} have none "
-                f"(e.g. {missing[0]}): use a .jsonl manifest with boxes and phrases as the data root, "
-                f"e.g. data/toy_world/realfake/train.jsonl"
+                f"grounder 'dataset' reads boxes and phrases from the data manifest, but none of the "
+                f"{len(samples)} images under e.g. {samples[0].path} has them: use a .jsonl manifest with boxes "
+                f"and phrases as the data root (e.g. data/toy_world/realfake/train.jsonl), or a detector"
             )
 
 
@@ -252,6 +255,7 @@ class GroundingDinoGrounder:
             images=[images[i] for i in todo],
             text=prompts,
             do_rescale=False,
+            input_data_format="channels_first",
             return_tensors="pt",
             **text_kwargs,
         ).to(self.device)
@@ -300,6 +304,7 @@ class Owlv2Grounder:
             text=[phrases[i] for i in todo],
             images=[images[i] for i in todo],
             do_rescale=False,
+            input_data_format="channels_first",
             truncation=True,
             return_tensors="pt",
         ).to(self.device)

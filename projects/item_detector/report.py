@@ -135,14 +135,20 @@ def robustness_figure(reports: Mapping[str, Report]) -> Any:
 
 
 def tsne_points(features: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """2-D t-SNE (sklearn; PCA initialisation, perplexity capped for small sets) of (n, d) features."""
+    """2-D t-SNE (sklearn; PCA initialisation, perplexity capped for small sets) of (n, d) features.
+
+    sklearn's Barnes-Hut gradient runs OpenMP threads; on a shared or busy CPU they spin against each other and
+    a 500-point embedding takes minutes instead of seconds, so it runs on one thread.
+    """
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     n = int(features.shape[0])
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-        features.detach().float().cpu().numpy()
-    )
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+            features.detach().float().cpu().numpy()
+        )
 
 
 def tsne_figure(
