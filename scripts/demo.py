@@ -48,6 +48,20 @@ STAGES: list[Stage] = [
         run_name="classifier",
         results=("test_per_generator.md",),
     ),
+    Stage(
+        name="item",
+        title="ITEM Tables I-II and Fig. 4 shape: frozen features cached once, MLP head (tiny CLIP, oracle captions)",
+        command=[
+            "fit",
+            "--config",
+            "configs/trainer/cpu.yaml",
+            "--config",
+            "configs/item_detector/tiny.yaml",
+        ],
+        project="item_detector",
+        run_name="item",
+        results=("test_paper_tables.md", "test_robustness.md"),
+    ),
 ]
 
 

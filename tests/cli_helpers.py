@@ -42,7 +42,7 @@ def _realfake_overrides(toy: Path) -> list[str]:
     ]
 
 
-def item_subset(toy: Path, per_label: int = 2) -> Path:
+def item_subset(toy: Path, per_label: int = 1) -> Path:
     """Manifests of the small toy world cut to `per_label` real + generated images per generator and split
     (with captions and boxes, for the `dataset` oracle), written once next to it: every ITEM config extracts
     its frozen features in the CLI tests, so fewer images keep those tests within budget."""
@@ -65,7 +65,7 @@ def _item_overrides(toy: Path) -> list[str]:
     """ITEM's frozen stage on a few images of the small toy world (`item_subset`), tiny models, short captions,
     and one feature cache shared by every ITEM config of the session (configs with the same frozen stage reuse
     its entries)."""
-    subset = item_subset(toy)
+    subset = item_subset(toy)  # 4 images per split: one real and one generated per generator
     return [
         "--data.init_args.toy_world=null",
         f"--data.init_args.train_root={subset / 'train.jsonl'}",

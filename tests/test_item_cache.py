@@ -59,7 +59,7 @@ class CountingStage(FrozenStage):
 @pytest.fixture
 def samples(small_toy_world: Path, tmp_path: Path) -> list[Sample]:
     """Eight toy images (real and generated, with captions and boxes) copied where tests may edit them."""
-    rows = read_manifest(item_subset(small_toy_world) / "train.jsonl")
+    rows = read_manifest(item_subset(small_toy_world, per_label=2) / "train.jsonl")
     copies = []
     for i, sample in enumerate(rows):
         target = tmp_path / "images" / f"{i:02d}.png"

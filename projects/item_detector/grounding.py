@@ -261,9 +261,12 @@ class GroundingDinoGrounder:
         ).to(self.device)
         if self.dtype is not None:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        offsets = self.processor.tokenizer(prompts, return_offsets_mapping=True, **text_kwargs)[
-            "offset_mapping"
-        ]
+        tokens = self.processor.tokenizer(prompts, return_offsets_mapping=True, **text_kwargs)
+        if tokens["input_ids"] != inputs["input_ids"].tolist():  # the spans must index the model's tokens
+            raise RuntimeError(
+                "Grounding DINO's processor tokenized the prompts differently from its tokenizer"
+            )
+        offsets = tokens["offset_mapping"]
         outputs = self.model(**inputs)
         probs = outputs.logits.float().sigmoid().cpu()
         pred_boxes = outputs.pred_boxes.float().cpu()

@@ -147,7 +147,10 @@ class ItemDetector(RealFakeTask):
         distance = self.distance(batch)
         logits = self.head(distance)
         scores = self.scores(logits)
-        self.log("test/loss", self.loss(logits, batch["label"]), batch_size=len(scores), sync_dist=True)
+        labelled = batch["label"] >= 0
+        if labelled.any():
+            loss = self.loss(logits[labelled], batch["label"][labelled])
+            self.log("test/loss", loss, batch_size=int(labelled.sum()), sync_dist=True)
         metrics = self.test_metrics if dataloader_idx == 0 else self.condition_metrics[dataloader_idx - 1]
         metrics.update(scores, batch["label"], batch["generator_id"], batch["index"])
         if dataloader_idx != 0:
@@ -161,7 +164,8 @@ class ItemDetector(RealFakeTask):
                     batch["generator_id"].cpu(),
                 )
             )
-        wrong = ((scores >= self.threshold).long() != batch["label"]).nonzero().flatten().tolist()
+        wrong = ((scores >= self.threshold).long() != batch["label"]) & labelled
+        wrong = wrong.nonzero().flatten().tolist()
         for i in wrong[: max(0, self.max_misclassified - len(self._misclassified))]:
             self._misclassified.append(self._thumbnail(batch, i, float(scores[i])))
 
@@ -174,7 +178,14 @@ class ItemDetector(RealFakeTask):
         truth = "fake" if int(batch["label"][i]) == 1 else "real"
         return image, f"{truth} p={score:.2f}\n{batch['caption'][i][:20]}"
 
-    def report_test(self, report, scores, labels, groups) -> None:
+    def report_test(
+        self,
+        report: dict[str, dict[str, float]],
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor,
+    ) -> None:
+        """The base per-generator report, then Tables I-III in the paper's shape and the Fig. 9 t-SNE."""
         super().report_test(report, scores, labels, groups)
         self._clean_report = report
         method = f"ITEM ({Path(self.trainer.default_root_dir).name})"
@@ -215,12 +226,15 @@ class ItemDetector(RealFakeTask):
         print(markdown + "\n")
 
     def _report_feature_health(self) -> None:
-        """ITEM's input checks (empty/overlong captions, no objects, boxes outside the image), counted per split
-        by the datamodule: written next to data_health.json and to the W&B summary."""
-        health = getattr(getattr(self.trainer, "datamodule", None), "feature_health", None)
+        """ITEM's input checks per split (empty or overlong captions, no objects, boxes outside the image) and
+        what extraction cost, from the datamodule: `frozen_stage.json` next to data_health.json, and the checks
+        in the W&B summary."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        health = getattr(datamodule, "feature_health", None)
         if not health or not self.trainer.is_global_zero:
             return
-        write_json(Path(self.trainer.default_root_dir) / "feature_health.json", health)
+        record = {"cache_dir": datamodule.cache_dir, "health": health, "extraction": datamodule.extraction}
+        write_json(Path(self.trainer.default_root_dir) / "frozen_stage.json", record)
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 for split, counts in health.items():
