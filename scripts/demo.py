@@ -36,7 +36,7 @@ def forgelab() -> str:
 STAGES: list[Stage] = [
     Stage(
         name="classifier",
-        title="Paper 003 Table 3 shape: real-vs-generated classifier (tiny ConvNeXt) on the toy world",
+        title="Paper 003 Table 3 shape: real-vs-generated classifier (tiny ResNet-50) on the toy world",
         command=[
             "fit",
             "--config",
