@@ -208,6 +208,7 @@ def sweep_info(name: str, definition: dict[str, Any]) -> dict[str, Any]:
             k for k, spec in parameters.items() if not (isinstance(spec, dict) and "value" in spec)
         ],
         "categorical": [k for k, spec in parameters.items() if isinstance(spec, dict) and "values" in spec],
+        "log": [k for k, spec in parameters.items() if "log" in str((spec or {}).get("distribution", ""))],
     }
 
 
@@ -276,9 +277,7 @@ def load_wandb(
         else:
             runs = list(api.runs(path, filters={"group": group} if group else None))
             infos, parameters = [], []
-    except (
-        Exception
-    ) as err:  # wandb raises its own CommError/ValueError/UsageError when offline or not logged in
+    except Exception as err:  # wandb's CommError/UsageError/ValueError when offline or not logged in
         raise ForgelabError(
             f"cannot read W&B project {path}: {err} (online and `wandb login` needed)"
         ) from None
@@ -324,7 +323,7 @@ def differing_keys(records: Sequence[RunRecord]) -> list[str]:
     return out
 
 
-def test_columns(records: Sequence[RunRecord]) -> list[str]:
+def final_test_columns(records: Sequence[RunRecord]) -> list[str]:
     """`test/mean/<metric>` when the runs have a per-generator test report, else the plain `test/<metric>`s."""
     ordered: list[str] = []
     for record in records:
@@ -348,6 +347,7 @@ class Comparison:
     other_keys: list[str]
     tests: list[str]
     categorical: set[str] = field(default_factory=set)
+    log_scale: set[str] = field(default_factory=set)  # parameters searched on a log scale
 
     @classmethod
     def build(
@@ -373,12 +373,14 @@ class Comparison:
         goal = goal or (metric_goal(metric) if metric else "minimize")
         params: list[str] = []
         categorical: set[str] = set()
+        log_scale: set[str] = set()
         for info in infos:
             params += [p for p in info.get("parameters", []) if p not in params]
             categorical |= set(info.get("categorical", []))
+            log_scale |= set(info.get("log", []))
         shown = {display_key(p) for p in params}
         other = [k for k in differing_keys(records) if k not in shown]
-        return cls(records, metric, goal, params, other, test_columns(records), categorical)
+        return cls(records, metric, goal, params, other, final_test_columns(records), categorical, log_scale)
 
     def sort_key(self, record: RunRecord) -> tuple[int, float]:
         best = record.best(self.metric, self.goal) if self.metric else None
@@ -479,7 +481,7 @@ def metric_vs_params_figure(comparison: Comparison, keys: Sequence[str]) -> Any 
             positions = list(xs)
             low, high = min(xs), max(xs)
             positive = [x for x in xs if x > 0]
-            if low > 0 and high / low >= 20:
+            if low > 0 and (high / low >= 20 or key in comparison.log_scale):
                 ax.set_xscale("log")
             elif low == 0 and positive and max(positive) / min(positive) >= 20:
                 ax.set_xscale("symlog", linthresh=min(positive))

@@ -301,6 +301,34 @@ def test_dry_run_prints_the_first_trial_command_and_runs_nothing(tmp_path):
     assert out.strip().endswith(f"{PROGRAM} --x=0.25") and not (tmp_path / "sweeps").exists()
 
 
+# -- what `wandb agent` does to a run ---------------------------------------------------------------------------
+def test_a_run_launched_by_wandb_agent_is_the_agents_run(small_toy_world, tmp_path, monkeypatch):
+    """The agent's environment (sweep id, run id, parameter file) and its `--_wandb=` argument: W&B uses the
+    agent's run id (over ours) and the CLI records that id, so run.json names the W&B run that exists."""
+    params = tmp_path / "config-agentrun1.yaml"
+    params.write_text("model.init_args.lr:\n  value: 0.003\n")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw33pid0")
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun1")
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    args = ["fit", "--config", str(CPU), "--config", str(TINY), *tiny_overrides(TINY, small_toy_world)]
+    args += [
+        f"--run.root={tmp_path}",
+        "--run.name=agent",
+        "--trainer.max_epochs=1",
+        "--run.test_after_fit=false",
+    ]
+    code, _, err = run_cli([*args, "--model.init_args.lr=0.003", "--_wandb=resume"])
+    assert code == 0, err
+    run = tmp_path / "inpaint_probe" / "agent"
+    record = json.loads((run / "run.json").read_text())
+    assert record["wandb_id"] == "agentrun1" and record["wandb_sweep_id"] == "sw33pid0"
+    (offline,) = (run / "wandb").glob("offline-run-*-agentrun1")
+    content = next(offline.glob("run-*.wandb")).read_bytes()
+    assert b"sw33pid0" in content and b"model.init_args.lr" in content  # the sweep's own config key
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["lr"] == 0.003
+
+
 # -- the real thing: forgelab fit trials of the tiny classifier -------------------------------------------------
 def _tiny_classifier_sweep(tmp_path: Path, toy: Path, lrs: list[float], *extra: str) -> Path:
     """classifier_tiny.yaml's command, on the small toy world, a grid over the learning rate."""
