@@ -312,12 +312,8 @@ def test_a_run_launched_by_wandb_agent_is_the_agents_run(small_toy_world, tmp_pa
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun1")
     monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
     args = ["fit", "--config", str(CPU), "--config", str(TINY), *tiny_overrides(TINY, small_toy_world)]
-    args += [
-        f"--run.root={tmp_path}",
-        "--run.name=agent",
-        "--trainer.max_epochs=1",
-        "--run.test_after_fit=false",
-    ]
+    args += [f"--run.root={tmp_path}", "--run.name=agent", "--run.test_after_fit=false"]
+    args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
     code, _, err = run_cli([*args, "--model.init_args.lr=0.003", "--_wandb=resume"])
     assert code == 0, err
     run = tmp_path / "inpaint_probe" / "agent"
@@ -341,6 +337,7 @@ def _tiny_classifier_sweep(tmp_path: Path, toy: Path, lrs: list[float], *extra: 
         *(str(REPO / c) if c.startswith("configs/") else c for c in definition["command"]),
         *tiny_overrides(TINY, toy),
         "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=4",
         *extra,
     ]
     return _write(tmp_path, definition, "classifier_tiny.yaml")
