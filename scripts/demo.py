@@ -26,7 +26,10 @@ class Stage:
     project: str  # runs/demo/<project>/<run name>/
     run_name: str
     results: tuple[str, ...]  # files in the run directory to print
-    place: tuple[str, str] = ("--run.root", "--run.name")  # the command's options for its output root and name
+    place: tuple[str, str] = (
+        "--run.root",
+        "--run.name",
+    )  # the command's options for its output root and name
 
 
 def forgelab() -> str:
