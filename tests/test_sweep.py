@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import wandb
 import yaml
 
 from common import sweep as sweep_module
@@ -305,7 +306,7 @@ def test_dry_run_prints_the_first_trial_command_and_runs_nothing(tmp_path):
 
 
 # -- what `wandb agent` does to a run ---------------------------------------------------------------------------
-def test_a_run_launched_by_wandb_agent_is_the_agents_run(small_toy_world, tmp_path, monkeypatch):
+def test_a_run_launched_by_wandb_agent_is_the_agents_run(small_toy_world, tmp_path, monkeypatch, request):
     """The agent's environment (sweep id, run id, parameter file) and its `--_wandb=` argument: W&B uses the
     agent's run id (over ours) and the CLI records that id, so run.json names the W&B run that exists."""
     params = tmp_path / "config-agentrun1.yaml"
@@ -314,11 +315,14 @@ def test_a_run_launched_by_wandb_agent_is_the_agents_run(small_toy_world, tmp_pa
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw33pid0")
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun1")
     monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    wandb.teardown()  # a fresh W&B session reads the agent's environment (as the agent's fresh process does)
+    request.addfinalizer(wandb.teardown)  # and the next test's session does not keep the sweep's settings
     args = ["fit", "--config", str(CPU), "--config", str(TINY), *tiny_overrides(TINY, small_toy_world)]
     args += [f"--run.root={tmp_path}", "--run.name=agent", "--run.test_after_fit=false"]
     args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
     code, _, err = run_cli([*args, "--model.init_args.lr=0.003", "--_wandb=resume"])
     assert code == 0, err
+    wandb.teardown()  # W&B's service writes the offline file asynchronously; shutting it down flushes it
     run = tmp_path / "inpaint_probe" / "agent"
     record = json.loads((run / "run.json").read_text())
     assert record["wandb_id"] == "agentrun1" and record["wandb_sweep_id"] == "sw33pid0"
