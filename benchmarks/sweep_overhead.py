@@ -4,8 +4,8 @@
   * one bayes suggestion and one hyperband check with many finished trials on disk (the check runs every
     POLL_SECONDS while a trial trains, so it must stay a small fraction of that).
 The trials are the tests' stand-in program (tests/sweep_program.py: writes a run directory, no Lightning), each
-busy for `--trial-seconds`, so the numbers isolate the controller. Target: under 1 s per trial and a check well
-under POLL_SECONDS (1 s).
+busy for `--trial-seconds`, so the numbers isolate the controller. Target: under 1 s per trial beyond the
+sweep's fixed start-up, and a check well under POLL_SECONDS (1 s).
 
     python benchmarks/sweep_overhead.py [--trials 6] [--trial-seconds 1.0] [--history 40]
 """
@@ -55,13 +55,18 @@ def run(trials: int = 6, trial_seconds: float = 1.0, history: int = 40) -> dict[
             subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
         direct = time.perf_counter() - start
 
-        sweep_file = root / "bench.yaml"
-        sweep_file.write_text(yaml.safe_dump(definition))
-        start = time.perf_counter()
-        main = "import sys; from common.sweep import main; main(sys.argv[1:])"
-        command = [sys.executable, "-c", main, str(sweep_file), "--root", str(root)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        swept = time.perf_counter() - start
+        def sweep(n: int, name: str) -> float:
+            """Wall time of `forgelab sweep` running the first n grid points (process start to exit)."""
+            sweep_file = root / f"{name}.yaml"
+            sweep_file.write_text(yaml.safe_dump(definition | {"name": name}))
+            main = "import sys; from common.sweep import main; main(sys.argv[1:])"
+            command = [sys.executable, "-c", main, str(sweep_file), "--root", str(root), "--count", str(n)]
+            start = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            return time.perf_counter() - start
+
+        one = sweep(1, "bench_one")
+        swept = sweep(trials, "bench_all")
 
         # a sweep with `history` finished trials on disk: one suggestion, one hyperband check
         many = LocalSweep(_definition([0.0], 12, 0.0, method="bayes"), root / "sweeps" / "many", "bench.yaml")
@@ -82,11 +87,15 @@ def run(trials: int = 6, trial_seconds: float = 1.0, history: int = 40) -> dict[
         start = time.perf_counter()
         many.should_stop_early(running)
         check = time.perf_counter() - start
+    per_trial_direct = direct / trials
+    per_trial_swept = (swept - one) / (trials - 1)  # the fixed start-up and comparison cancel out
     return {
         "direct_s": direct,
         "sweep_s": swept,
         "ratio": swept / direct,
-        "overhead_per_trial_s": (swept - direct) / trials,
+        "fixed_s": one - per_trial_swept,
+        "overhead_per_trial_s": per_trial_swept - per_trial_direct,
+        "marginal_ratio": per_trial_swept / per_trial_direct,
         "bayes_suggest_s": suggest,
         "hyperband_check_s": check,
     }
@@ -102,8 +111,10 @@ def main() -> None:
     print(f"{args.trials} trials of ~{args.trial_seconds:.1f} s each")
     print(f"  plain loop            {result['direct_s']:7.2f} s")
     print(f"  forgelab sweep        {result['sweep_s']:7.2f} s   ratio {result['ratio']:.2f}x")
+    print(f"  fixed cost            {result['fixed_s']:7.2f} s   (start-up imports; final comparison, plots)")
     print(
-        f"  overhead per trial    {result['overhead_per_trial_s']:7.2f} s   (incl. the sweep's start-up and final comparison)"
+        f"  overhead per trial    {result['overhead_per_trial_s']:7.2f} s   "
+        f"(a trial in a sweep / alone: {result['marginal_ratio']:.2f}x)"
     )
     print(f"with {args.history} finished trials on disk:")
     print(f"  bayes suggestion      {result['bayes_suggest_s'] * 1000:7.0f} ms")
