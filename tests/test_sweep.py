@@ -350,6 +350,33 @@ def _tiny_classifier_sweep(tmp_path: Path, toy: Path, lrs: list[float], *extra: 
     return _write(tmp_path, definition, "classifier_tiny.yaml")
 
 
+def test_real_fit_trials_land_in_the_sweep_and_compare(small_toy_world, tmp_path):
+    """The fast variant (each real trial pays ~10 s of imports): one `forgelab fit` trial that trains and one
+    whose value the model rejects; the sweep records both, and compare and Table 3 read the real run files."""
+    path = _tiny_classifier_sweep(tmp_path, small_toy_world, [2.0e-3, -1.0])
+    code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 0, err
+    trials = _state(tmp_path, "classifier_tiny")["trials"]
+    assert [t["state"] for t in trials] == ["finished", "failed"] and "lr must be positive" in trials[1][
+        "error"
+    ]
+    assert trials[0]["metric"] is not None and "best: trial-000" in out
+    trial = tmp_path / "sweeps" / "classifier_tiny" / "trial-000"
+    record = json.loads((trial / "run.json").read_text())
+    assert record["group"] == "classifier_tiny" and record["job_type"] == "sweep-trial"
+    assert (trial / "test_metrics.json").is_file() and (trial / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "inpaint_probe").exists()  # every trial in the sweep's directory
+    markdown = (tmp_path / "sweeps" / "classifier_tiny" / "compare" / "compare.md").read_text()
+    assert "| trial-001 | failed | -1 |" in markdown and "| trial-000 | toy_gan |" in markdown
+    table3 = CONFIGS / "inpaint_probe" / "tables" / "table3.yaml"
+    code, out, err = run_cli(
+        ["compare", str(tmp_path / "sweeps"), "--table", str(table3), "--out", str(tmp_path / "t")]
+    )
+    assert code == 0, err
+    assert "| Models | Accuracy | F1-Score | AUC |" in out and "| ResNet-50 |" in out
+
+
+@pytest.mark.slow
 def test_three_trial_sweep_of_the_tiny_classifier_end_to_end(small_toy_world, tmp_path):
     """Three real `forgelab fit` trials (one with a bad learning rate, which fails), in two invocations: the
     second continues the sweep without re-running anything; then `compare` and Table 3 from the sweep."""
