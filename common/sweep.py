@@ -663,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="total number of trials of the sweep (trials done before an interruption count; raise it to extend "
-        "a finished sweep). Default: run_cap of the file, or the whole grid",
+        "a finished sweep; never more than run_cap). Default: run_cap of the file, or the whole grid",
     )
     parser.add_argument(
         "--name", default=None, help="sweep name and directory (default: the file's name: field)"
@@ -671,7 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--root", default="runs", help="the sweep goes to <root>/sweeps/<name>/ (default: runs)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random and bayes suggestions")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of a new sweep's random and bayes suggestions (a resumed sweep keeps its own)",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
