@@ -84,10 +84,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def finish_wandb_run() -> None:
     """Close the process's W&B run: WandbLogger reuses an active `wandb.run`, which would merge the next run
-    started in this process into this one, and an offline run's file is complete only once finished."""
+    started in this process into this one, and an offline run's file is complete only once finished. `finish`
+    returns before W&B's service has written the last records; `teardown` waits for it (and lets the next run
+    in this process read the environment afresh, as `wandb agent` does between runs)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+        wandb.teardown()
 
 
 if __name__ == "__main__":
