@@ -342,7 +342,10 @@ def start_run_record(
     record = read_run_record(run_dir) if resumed else {}
     record.setdefault("name", run_dir.name)
     record.setdefault("project", settings.project)
-    record.setdefault("wandb_id", secrets.token_hex(4))
+    # `wandb agent` assigns the run id (and W&B uses it over ours): record the id the run really has
+    record.setdefault("wandb_id", os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
+    if os.environ.get("WANDB_SWEEP_ID"):
+        record["wandb_sweep_id"] = os.environ["WANDB_SWEEP_ID"]
     record.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
     record["group"] = settings.group
     record["job_type"] = settings.job_type
