@@ -5,6 +5,7 @@ predict with captions, the Fig. 4 robustness grid, the ablation figure)."""
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
 
@@ -398,3 +399,24 @@ def test_item_compare_builds_the_ablation_figure_from_run_reports(tmp_path) -> N
     assert (tmp_path / "fig5" / "plots" / "ablation.png").is_file() and "Fig. 5: AP (%)" in out
     code, _, err = run_cli(["item-compare", f"--run=x={tmp_path / 'missing'}", f"--out={tmp_path / 'o'}"])
     assert code == 2 and "test_metrics.json does not exist" in err
+
+
+def test_item_sweep_dry_run_sweeps_the_heads_init_args(tmp_path, monkeypatch) -> None:
+    """configs/sweeps/item_detector.yaml (W&B schema and trial parsing: tests/test_sweep.py) sweeps real
+    `ItemDetector` arguments -- MLP width, AdamW lr and weight decay, Eq. 8's w1 and w2 -- on tiny.yaml."""
+    monkeypatch.chdir(CONFIGS.parent)
+    sweep_file = CONFIGS / "sweeps" / "item_detector.yaml"
+    code, out, err = run_cli(["sweep", str(sweep_file), "--count", "2", "--dry-run", f"--root={tmp_path}"])
+    assert code == 0, err
+    command = out.split()
+    assert command[1:6] == [
+        "fit",
+        "--config",
+        "configs/trainer/cpu.yaml",
+        "--config",
+        str(TINY.relative_to(CONFIGS.parent)),
+    ]
+    swept = {arg.split("=")[0].removeprefix("--model.init_args.") for arg in command if "init_args" in arg}
+    assert swept == {"hidden_features", "lr", "weight_decay", "w_global", "w_local"}
+    assert swept <= set(inspect.signature(ItemDetector.__init__).parameters)
+    assert not (tmp_path / "sweeps").exists()  # a dry run runs nothing

@@ -189,7 +189,10 @@ def tsne_figure(
             real = (labels[shown] == 0).numpy()
             ax.scatter(points[real, 0], points[real, 1], s=6, c="tab:blue", label="real")
             ax.scatter(points[~real, 0], points[~real, 1], s=6, c="tab:red", label="generated")
-    axes[0][0].legend(fontsize=7, loc="best")
+    for ax in axes.flat:
+        if ax.collections:  # the first panel with points gets the legend
+            ax.legend(fontsize=7, loc="best")
+            break
     fig.tight_layout()
     return fig
 
