@@ -52,7 +52,9 @@ def test_aggd_fit_recovers_gaussian_and_laplacian_shapes():
     rng = np.random.default_rng(0)
     alpha, left, right = aggd_fit(rng.normal(0, 1.5, 400_000))
     assert alpha == pytest.approx(2.0, abs=0.03)
-    assert left == pytest.approx(1.5 * math.sqrt(2), rel=0.02) and right == pytest.approx(1.5 * math.sqrt(2), rel=0.02)
+    assert left == pytest.approx(1.5 * math.sqrt(2), rel=0.02) and right == pytest.approx(
+        1.5 * math.sqrt(2), rel=0.02
+    )
     alpha, left, right = aggd_fit(rng.laplace(0, 0.7, 400_000))
     assert alpha == pytest.approx(1.0, abs=0.03) and left == pytest.approx(0.7, rel=0.03)
 

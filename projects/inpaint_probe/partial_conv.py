@@ -38,10 +38,11 @@ def partial_conv2d(
         raise ValueError(f"x has {x.shape[1]} channels, the weight expects {in_channels}")
     if valid.shape[1] not in (1, in_channels) or valid.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"valid mask {tuple(valid.shape)} does not fit input {tuple(x.shape)}")
-    valid = valid.to(x.dtype).expand(-1, in_channels, -1, -1)
+    valid = valid.to(x.dtype)
     raw = F.conv2d(x * valid, weight, None, stride, padding, dilation)
-    ones = torch.ones(1, in_channels, kh, kw, dtype=x.dtype, device=x.device)
-    valid_count = F.conv2d(valid, ones, None, stride, padding, dilation)  # sum(M), (B, 1, H', W')
+    # sum(M), (B, 1, H', W'); a mask shared by all channels counts each valid pixel C_in times
+    ones = torch.ones(1, valid.shape[1], kh, kw, dtype=x.dtype, device=x.device)
+    valid_count = F.conv2d(valid, ones, None, stride, padding, dilation) * (in_channels // valid.shape[1])
     new_valid = (valid_count > 0.5).to(x.dtype)  # counts are integers; 0.5 guards float rounding
     window = float(in_channels * kh * kw)  # sum(1)
     ratio = window / valid_count.clamp(min=1.0) * new_valid
