@@ -15,7 +15,9 @@ from projects.inpaint_probe.losses import composite
 from projects.inpaint_probe.masks import check_mask_batch
 
 
-def _pad(image: torch.Tensor, hole: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+def _pad(
+    image: torch.Tensor, hole: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     h, w = image.shape[-2:]
     pad_h, pad_w = (-h) % multiple, (-w) % multiple
     if pad_h or pad_w:

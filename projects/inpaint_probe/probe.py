@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from typing import Any, Literal
 import matplotlib
 
 matplotlib.use("Agg")
+import itertools
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -39,7 +42,12 @@ from common.io import save_image, write_csv, write_json, write_text
 from common.reporting import log_figure, log_pil, log_table
 from common.runs import RunSettings, build_loggers, flatten_config, resolve_run_dir, start_run_record
 from projects.inpaint_probe.data import FitMode, fit_image, index_images
-from projects.inpaint_probe.fid import FeatureMode, build_feature_extractor, extract_features, frechet_distance
+from projects.inpaint_probe.fid import (
+    FeatureMode,
+    build_feature_extractor,
+    extract_features,
+    frechet_distance,
+)
 from projects.inpaint_probe.inpainters import DeepFillV2Inpainter, PartialConvInpainter, hole_l1, psnr
 from projects.inpaint_probe.masks import (
     DEFAULT_BUCKET_EDGES,
@@ -203,7 +211,10 @@ def probe_masks(config: ProbeConfig, n: int, skips: SkipCounter) -> list[torch.T
     """Mask i for image i of every set: drawn from (mask_seed, i), or the i-th usable file of `mask_dir`."""
     size = config.image_size
     if config.mask_dir is None:
-        return [to_tensor(sample_mask(size, size, config.mask, mask_rng(config.mask_seed, "probe", i))) for i in range(n)]
+        return [
+            to_tensor(sample_mask(size, size, config.mask, mask_rng(config.mask_seed, "probe", i)))
+            for i in range(n)
+        ]
     from common.data.images import SkipLog
 
     masks = []
@@ -231,10 +242,14 @@ def build_inpainter(spec: InpainterSpec, checkpoint: str | None) -> Any:
     if spec.kind == "diffusion":
         from projects.inpaint_probe.diffusion_inpainter import DiffusionInpainter
 
-        return DiffusionInpainter(spec.model_id, spec.preset, spec.prompt, spec.steps, spec.guidance_scale, spec.seed)
+        return DiffusionInpainter(
+            spec.model_id, spec.preset, spec.prompt, spec.steps, spec.guidance_scale, spec.seed
+        )
     module_class = {"partial_conv": PartialConvInpainter, "gated_conv": DeepFillV2Inpainter}.get(spec.kind)
     if module_class is None:
-        raise ConfigError(f"inpainter {spec.name!r}: unknown kind {spec.kind!r} (partial_conv, gated_conv, diffusion)")
+        raise ConfigError(
+            f"inpainter {spec.name!r}: unknown kind {spec.kind!r} (partial_conv, gated_conv, diffusion)"
+        )
     if not checkpoint:
         raise ConfigError(
             f"inpainter {spec.name!r} ({spec.kind}) needs a checkpoint: train one with `forgelab fit --config "
@@ -244,11 +259,18 @@ def build_inpainter(spec: InpainterSpec, checkpoint: str | None) -> Any:
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(f"inpainter {spec.name!r}: checkpoint {path} does not exist")
-    try:
-        module = module_class.load_from_checkpoint(path, map_location="cpu", weights_only=True, checkpoint_path=None)
-    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+    try:  # built from the saved hyper-parameters, then the weights: data only (weights_only), strictly
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        # LightningCLI adds `_class_path`/`_instantiator`; the weights come from this file, not checkpoint_path
+        hparams = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
+        hparams["checkpoint_path"] = None
+        module = module_class(**hparams)
+        module.load_state_dict(saved["state_dict"], strict=True)
+    except (KeyError, RuntimeError, TypeError, ValueError, pickle.UnpicklingError) as err:
         reason = " ".join(str(err).split())[:300]
-        raise ConfigError(f"{path} is not a {module_class.__name__} checkpoint ({type(err).__name__}: {reason})") from None
+        raise ConfigError(
+            f"{path} is not a {module_class.__name__} checkpoint ({type(err).__name__}: {reason})"
+        ) from None
     return module.eval()
 
 
@@ -320,7 +342,10 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
     extractor, fid_info = build_feature_extractor(config.fid.features, config.fid.inception_weights)
     original_features = {s.name: extract_features(extractor, s.images) for s in sets}
     original_niqe = {
-        s.name: [safe_niqe(img, config.niqe_color, skips, f"{s.name}/original/{i}") for i, img in enumerate(s.images)]
+        s.name: [
+            safe_niqe(img, config.niqe_color, skips, f"{s.name}/original/{i}")
+            for i, img in enumerate(s.images)
+        ]
         for s in sets
     }
     timings["originals_fid_niqe"] = time.perf_counter() - start
@@ -337,7 +362,9 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
             tick = time.perf_counter()
             results = torch.cat(
                 [
-                    inpainter.inpaint(image_set.images[i : i + config.batch_size], masks[i : i + config.batch_size])
+                    inpainter.inpaint(
+                        image_set.images[i : i + config.batch_size], masks[i : i + config.batch_size]
+                    )
                     for i in range(0, n, config.batch_size)
                 ]
             )
@@ -347,7 +374,10 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
                 safe_niqe(img, config.niqe_color, skips, f"{spec.name}/{image_set.name}/{i}")
                 for i, img in enumerate(results)
             ]
-            l1s, psnrs = hole_l1(results, image_set.images, masks).tolist(), psnr(results, image_set.images).tolist()
+            l1s, psnrs = (
+                hole_l1(results, image_set.images, masks).tolist(),
+                psnr(results, image_set.images).tolist(),
+            )
             for i in range(n):
                 per_image.append(
                     {
@@ -382,7 +412,13 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
                 )
             if config.save_results:
                 for i in range(n):
-                    target = run_dir / "results" / spec.name / image_set.name / f"{i + 1:04d}_{Path(image_set.paths[i]).stem}.png"
+                    target = (
+                        run_dir
+                        / "results"
+                        / spec.name
+                        / image_set.name
+                        / f"{i + 1:04d}_{Path(image_set.paths[i]).stem}.png"
+                    )
                     save_image(target, _to_pil(results[i]))
             k = min(config.grid_images, n)
             quads = [(image_set.images[i], masks[i], results[i]) for i in range(k)]
@@ -403,7 +439,10 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
             "n_images_per_set": n,
             "image_size": config.image_size,
             "sets": {s.name: {"real": s.real, "paths": s.paths} for s in sets},
-            "masks": {"source": config.mask_dir or f"{config.mask.kind}, seed {config.mask_seed}", "hole_ratios": ratios},
+            "masks": {
+                "source": config.mask_dir or f"{config.mask.kind}, seed {config.mask_seed}",
+                "hole_ratios": ratios,
+            },
             "inpainting_images_per_second": speeds,
             "timings_seconds": timings,
             "skipped": skips.counts,
@@ -428,7 +467,7 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
 
 
 def _bucket_order(edges: Sequence[float]):
-    labels = [bucket_label((a + b) / 2, edges) for a, b in zip(edges, edges[1:])]
+    labels = [bucket_label((a + b) / 2, edges) for a, b in itertools.pairwise(edges)]
     return lambda label: labels.index(label)
 
 
@@ -449,9 +488,8 @@ def write_reports(
     display: dict[str, str],
 ) -> dict[str, Any]:
     """Table 2 by bucket (CSV + Markdown + W&B), the per-image table, plots; returns the report's core."""
-    fid_line = (
-        f"FID features: {fid_info.name} ({fid_info.note})"
-        + ("" if fid_info.comparable else " — **not comparable to published FID**")
+    fid_line = f"FID features: {fid_info.name} ({fid_info.note})" + (
+        "" if fid_info.comparable else " — **not comparable to published FID**"
     )
     niqe_line = f"NIQE: Mittal et al. 2013, MATLAB-release pristine model, {config.niqe_color} luminance, 96-px blocks."
     sections, per_image_sections = [], []
@@ -459,7 +497,9 @@ def write_reports(
         rows = [r for r in bucket_rows if r["inpainter"] == name]
         order = list(dict.fromkeys(r["bucket"] for r in rows))
         header = ["hole ratio", "n"] + [
-            f"{'real' if s.real else 'generated'}: {s.name} {metric}" for s in sets for metric in ("FID ↓", "NIQE ↓")
+            f"{'real' if s.real else 'generated'}: {s.name} {metric}"
+            for s in sets
+            for metric in ("FID ↓", "NIQE ↓")
         ]
         lines = [
             f"**Table 2 (paper 003) — {title}: FID ↓ and NIQE ↓ of the inpainted images, by hole ratio**",
@@ -471,7 +511,9 @@ def write_reports(
             cells = {r["set"]: r for r in rows if r["bucket"] == bucket}
             n = cells[sets[0].name]["n"]
             label = "All images" if bucket == "all" else bucket
-            values = [v for s in sets for v in (_fmt(cells[s.name]["fid"], 2), _fmt(cells[s.name]["niqe"], 4))]
+            values = [
+                v for s in sets for v in (_fmt(cells[s.name]["fid"], 2), _fmt(cells[s.name]["niqe"], 4))
+            ]
             lines.append(f"| {label} | {n} | " + " | ".join(values) + " |")
         originals = " · ".join(
             f"{s.name} {_fmt(next(r['niqe_original'] for r in rows if r['set'] == s.name and r['bucket'] == 'all'), 4)}"
@@ -492,28 +534,41 @@ def write_reports(
         image_columns,
         [[_round(r[c], 6) if isinstance(r[c], float) else r[c] for c in image_columns] for r in per_image],
     )
-    write_text(Path(reporter.default_root_dir) / "table2_per_image.md", "\n\n".join(per_image_sections) + "\n")
+    write_text(
+        Path(reporter.default_root_dir) / "table2_per_image.md", "\n\n".join(per_image_sections) + "\n"
+    )
     print("\n" + "\n\n".join(sections) + "\n")
     return {"fid_features": asdict(fid_info), "inpainters": display}
 
 
-def _per_image_markdown(name: str, title: str, sets: Sequence[ImageSet], per_image: list[dict[str, Any]]) -> str:
+def _per_image_markdown(
+    name: str, title: str, sets: Sequence[ImageSet], per_image: list[dict[str, Any]]
+) -> str:
     """The paper's rows Image1..ImageN: NIQE per image (FID needs a set of images; see the bucket table)."""
     rows = [r for r in per_image if r["inpainter"] == name]
     header = ["image", "hole ratio"] + [f"{s.name} NIQE ↓" for s in sets]
-    lines = [f"**{title}: NIQE ↓ per image**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"**{title}: NIQE ↓ per image**",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for index in sorted({r["image"] for r in rows}):
         cells = {r["set"]: r for r in rows if r["image"] == index}
         ratio = next(iter(cells.values()))["hole_ratio"]
         lines.append(
-            f"| Image{index} | {100 * ratio:.1f}% | " + " | ".join(_fmt(cells[s.name]["niqe"], 4) for s in sets) + " |"
+            f"| Image{index} | {100 * ratio:.1f}% | "
+            + " | ".join(_fmt(cells[s.name]["niqe"], 4) for s in sets)
+            + " |"
         )
     averages = [_fmt(_nanmean([r["niqe"] for r in rows if r["set"] == s.name]), 4) for s in sets]
     lines.append("| Average | | " + " | ".join(averages) + " |")
     return "\n".join(lines)
 
 
-def _bucket_figure(rows: list[dict[str, Any]], sets: Sequence[ImageSet], order: list[str], title: str, fid_info: Any) -> Any:
+def _bucket_figure(
+    rows: list[dict[str, Any]], sets: Sequence[ImageSet], order: list[str], title: str, fid_info: Any
+) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(order))
     width = 0.8 / max(1, len(sets))
@@ -533,7 +588,9 @@ def _bucket_figure(rows: list[dict[str, Any]], sets: Sequence[ImageSet], order: 
     return fig
 
 
-def _scatter_figure(per_image: list[dict[str, Any]], sets: Sequence[ImageSet], display: dict[str, str]) -> Any:
+def _scatter_figure(
+    per_image: list[dict[str, Any]], sets: Sequence[ImageSet], display: dict[str, str]
+) -> Any:
     fig, axes = plt.subplots(1, len(display), figsize=(5.5 * len(display), 4), squeeze=False)
     for ax, (name, title) in zip(axes[0], display.items()):
         for image_set in sets:
@@ -555,9 +612,13 @@ def build_parser() -> ArgumentParser:
         description="Inpaint real and generated sets with the same masks; FID and NIQE per set (paper 003 Table 2).",
         default_env=False,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (configs/inpaint_probe/probe*.yaml)")
-    parser.add_argument("--command", type=Literal["probe"], default="probe", help="marks the YAML as a probe config")
-    parser.add_class_arguments(ProbeConfig, "probe", as_group=False)
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="a YAML config (configs/inpaint_probe/probe*.yaml)"
+    )
+    parser.add_argument(
+        "--command", type=Literal["probe"], default="probe", help="marks the YAML as a probe config"
+    )
+    parser.add_class_arguments(ProbeConfig, "probe")
     parser.add_class_arguments(RunSettings, "run")
     parser.set_defaults({"run.project": "inpaint_probe", "run.job_type": "probe"})
     return parser
