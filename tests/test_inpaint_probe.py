@@ -73,7 +73,7 @@ def test_fid_without_inception_weights_falls_back_to_a_named_substitute(monkeypa
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     extractor, info = build_feature_extractor("auto")
     assert isinstance(extractor, RandomConvFeatures)
-    assert info.name == "random_conv_features_seed0" and not info.comparable and NOT_COMPARABLE in info.note
+    assert info.name == "random_conv_features_seed0" and not info.comparable
     with pytest.raises(FIDWeightsMissing, match=r"weights-inception-2015-12-05.*--fid.features=substitute"):
         build_feature_extractor("inception")
     with pytest.raises(ConfigError, match="does not exist"):
@@ -155,7 +155,7 @@ def test_probe_writes_table2_per_image_rows_quadruples_and_counts_bad_files(
     run = tmp_path / "inpaint_probe" / "probe"
     table = (run / "table2.md").read_text()
     assert "FID ↓" in table and "NIQE ↓" in table and "All images" in table and "| real: real FID ↓" in table
-    assert "not comparable to published FID" in table and table.strip() in out
+    assert NOT_COMPARABLE in table and table.strip() in out
     rows = list(csv.DictReader((run / "table2.csv").open()))
     overall = [r for r in rows if r["bucket"] == "all"]
     assert {(r["inpainter"], r["set"]) for r in overall} == {
@@ -168,7 +168,7 @@ def test_probe_writes_table2_per_image_rows_quadruples_and_counts_bad_files(
         assert len({r["hole_ratio"] for r in per_image if r["image"] == index}) == 1
     assert all(math.isfinite(float(r["niqe"])) for r in per_image)
     assert "Image1" in (run / "table2_per_image.md").read_text()
-    for name in ("quadruples_partial_conv_real", "quadruples_gated_conv_gan", "plots_niqe_vs_hole_ratio"):
+    for name in ("quadruples_partial_conv_real", "quadruples_gated_conv_gan", "niqe_vs_hole_ratio"):
         assert Image.open(run / "plots" / f"{name}.png").size[0] > 0
     assert len(list((run / "results" / "gated_conv" / "gan").glob("*.png"))) == 3
     health = json.loads((run / "data_health.json").read_text())["counts"]

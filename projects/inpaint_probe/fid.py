@@ -61,7 +61,7 @@ def find_inception_weights(explicit: str | None) -> Path | None:
     if explicit:
         path = Path(os.path.expanduser(explicit))
         if not path.is_file():
-            raise ConfigError(f"fid.inception_weights: {path} does not exist")
+            raise ConfigError(f"probe.fid.inception_weights: {path} does not exist")
         return path
     cached = default_inception_path()
     return cached if cached.is_file() else None
@@ -120,7 +120,7 @@ def build_feature_extractor(
 ) -> tuple[nn.Module, FeatureExtractorInfo]:
     """(module mapping uint8 (B, 3, H, W) to (B, d) features, what it is)."""
     if mode not in ("auto", "inception", "substitute"):
-        raise ConfigError(f"fid.features must be auto, inception or substitute; got {mode!r}")
+        raise ConfigError(f"probe.fid.features must be auto, inception or substitute; got {mode!r}")
     path = find_inception_weights(inception_weights) if mode != "substitute" else None
     if path is not None:
         info = FeatureExtractorInfo("inception_v3_tf_fid", True, f"torch-fidelity Inception-v3 ({path.name})")
@@ -129,8 +129,8 @@ def build_feature_extractor(
         raise FIDWeightsMissing(
             f"FID needs torch-fidelity's Inception-v3 weights {INCEPTION_FILE}, not found at "
             f"{default_inception_path()} and fid.inception_weights is not set. Download {INCEPTION_URL} on a "
-            f"machine with network access and put it there (or pass --fid.inception_weights=<file>), or run with "
-            f"--fid.features=substitute (random features, {NOT_COMPARABLE})."
+            f"machine with network access and put it there (or pass --probe.fid.inception_weights=<file>), or run with "
+            f"--probe.fid.features=substitute (random features, {NOT_COMPARABLE})."
         )
     if mode == "auto":
         log.warning(
@@ -140,7 +140,7 @@ def build_feature_extractor(
             NOT_COMPARABLE,
         )
     return RandomConvFeatures(), FeatureExtractorInfo(
-        SUBSTITUTE_NAME, False, f"random-weight 5-stage conv features (seed 0, 992-d): {NOT_COMPARABLE}"
+        SUBSTITUTE_NAME, False, "random-weight 5-stage convolutional features, seed 0, 992-d"
     )
 
 

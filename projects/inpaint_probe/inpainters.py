@@ -10,6 +10,7 @@ Validation logs the L1 error and PSNR of the composite against the original (the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,8 @@ class InpaintingTask(L.LightningModule):
         by_bucket: dict[str, list[tuple[float, float]]] = {}
         for ratio, l1, quality in self._test_rows:
             by_bucket.setdefault(bucket_label(ratio, DEFAULT_BUCKET_EDGES), []).append((l1, quality))
+        order = [bucket_label((a + b) / 2) for a, b in itertools.pairwise(DEFAULT_BUCKET_EDGES)]
+        by_bucket = {b: by_bucket[b] for b in order if b in by_bucket}
         by_bucket["all"] = [(l1, q) for _, l1, q in self._test_rows]
         rows = [
             [bucket, len(v), round(sum(a for a, _ in v) / len(v), 6), round(sum(b for _, b in v) / len(v), 4)]

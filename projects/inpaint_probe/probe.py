@@ -522,8 +522,8 @@ def write_reports(
         lines += ["", f"NIQE of the originals (before inpainting): {originals}.", fid_line, niqe_line]
         sections.append("\n".join(lines))
         per_image_sections.append(_per_image_markdown(name, title, sets, per_image))
-        log_figure(reporter, f"plots/by_bucket_{name}", _bucket_figure(rows, sets, order, title, fid_info))
-    log_figure(reporter, "plots/niqe_vs_hole_ratio", _scatter_figure(per_image, sets, display))
+        log_figure(reporter, f"by_bucket_{name}", _bucket_figure(rows, sets, order, title, fid_info))
+    log_figure(reporter, "niqe_vs_hole_ratio", _scatter_figure(per_image, sets, display))
 
     columns = ["inpainter", "bucket", "set", "real", "n", "fid", "niqe", "niqe_original", "hole_l1", "psnr"]
     table = [[_round(r[c]) if isinstance(r[c], float) else r[c] for c in columns] for r in bucket_rows]
