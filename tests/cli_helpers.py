@@ -73,8 +73,9 @@ DATA_OVERRIDES: dict[str, Callable[[Path], list[str]]] = {
 
 
 def _probe_overrides(config: Path, toy: Path, checkpoints: dict[str, Path]) -> list[str]:
-    """The probe on the small toy world: its sets moved there, 3 images of 32 px, substitute FID features,
-    tiny diffusion (2 steps), and the tiny inpainter checkpoints (by kind) trained by the test session."""
+    """The probe on the small toy world: its sets moved there, 2 images of 32 px, substitute FID features,
+    tiny diffusion (1 step), no plots (tests/test_inpaint_probe.py checks them), and the tiny inpainter
+    checkpoints (by kind) trained by the test session."""
     probe = yaml.safe_load(config.read_text())["probe"]
     sets = [
         {**s, "roots": [r.replace("data/toy_world", str(toy), 1) for r in s["roots"]]} for s in probe["sets"]
@@ -82,7 +83,7 @@ def _probe_overrides(config: Path, toy: Path, checkpoints: dict[str, Path]) -> l
     inpainters = []
     for spec in probe["inpainters"]:
         if spec["kind"] == "diffusion":
-            spec = {**spec, "preset": "tiny", "model_id": None, "steps": 2, "guidance_scale": 1.0}
+            spec = {**spec, "preset": "tiny", "model_id": None, "steps": 1, "guidance_scale": 1.0}
         else:
             spec = {**spec, "checkpoint": str(checkpoints[spec["kind"]])}
         inpainters.append(spec)
@@ -90,10 +91,12 @@ def _probe_overrides(config: Path, toy: Path, checkpoints: dict[str, Path]) -> l
         f"--probe.sets={json.dumps(sets)}",
         f"--probe.inpainters={json.dumps(inpainters)}",
         "--probe.toy_world=null",
-        "--probe.n_images=3",
+        "--probe.n_images=2",
         "--probe.image_size=32",
-        "--probe.batch_size=3",
+        "--probe.batch_size=2",
         "--probe.fid.features=substitute",
+        "--probe.plots=false",
+        "--probe.save_results=false",
     ]
 
 

@@ -74,7 +74,9 @@ def test_fid_without_inception_weights_falls_back_to_a_named_substitute(monkeypa
     extractor, info = build_feature_extractor("auto")
     assert isinstance(extractor, RandomConvFeatures)
     assert info.name == "random_conv_features_seed0" and not info.comparable
-    with pytest.raises(FIDWeightsMissing, match=r"weights-inception-2015-12-05.*--fid.features=substitute"):
+    with pytest.raises(
+        FIDWeightsMissing, match=r"weights-inception-2015-12-05.*--probe.fid.features=substitute"
+    ):
         build_feature_extractor("inception")
     with pytest.raises(ConfigError, match="does not exist"):
         build_feature_extractor("inception", str(tmp_path / "missing.pth"))

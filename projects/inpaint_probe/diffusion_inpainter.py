@@ -76,4 +76,4 @@ class DiffusionInpainter:
             generator=torch.Generator(device="cpu").manual_seed(self.seed),
             output_type="pt",
         ).images
-        return composite(result[..., :h, :w].float().cpu().clamp(0, 1), image, hole)
+        return composite(result[..., :h, :w].float().clamp(0, 1).to(image.device), image, hole)

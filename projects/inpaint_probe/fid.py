@@ -148,8 +148,9 @@ def build_feature_extractor(
 def extract_features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """[0, 1] float images (N, 3, H, W) -> (N, d) float64 features (images quantised to uint8 first, as saved)."""
     outputs = []
+    device = next(extractor.parameters()).device
     for start in range(0, images.shape[0], batch_size):
-        chunk = (images[start : start + batch_size].clamp(0, 1) * 255).round().to(torch.uint8)
+        chunk = (images[start : start + batch_size].clamp(0, 1) * 255).round().to(device, torch.uint8)
         outputs.append(extractor(chunk).double().reshape(chunk.shape[0], -1).cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0, dtype=torch.float64)
 

@@ -121,6 +121,8 @@ class ProbeConfig:
     batch_size: int = 4
     grid_images: int = 4
     save_results: bool = True
+    plots: bool = True
+    device: str = "auto"
     toy_world: str | None = None
 
     def __post_init__(self) -> None:
@@ -237,14 +239,16 @@ def probe_masks(config: ProbeConfig, n: int, skips: SkipCounter) -> list[torch.T
     return masks
 
 
-def build_inpainter(spec: InpainterSpec, checkpoint: str | None) -> Any:
-    """An object with `inpaint(image, hole)` and `display_name`, in eval mode on the CPU."""
+def build_inpainter(spec: InpainterSpec, checkpoint: str | None, device: torch.device) -> Any:
+    """An object with `inpaint(image, hole)` and `display_name`, in eval mode on `device`."""
     if spec.kind == "diffusion":
         from projects.inpaint_probe.diffusion_inpainter import DiffusionInpainter
 
-        return DiffusionInpainter(
+        inpainter = DiffusionInpainter(
             spec.model_id, spec.preset, spec.prompt, spec.steps, spec.guidance_scale, spec.seed
         )
+        inpainter.pipeline.to(device)
+        return inpainter
     module_class = {"partial_conv": PartialConvInpainter, "gated_conv": DeepFillV2Inpainter}.get(spec.kind)
     if module_class is None:
         raise ConfigError(
@@ -271,7 +275,7 @@ def build_inpainter(spec: InpainterSpec, checkpoint: str | None) -> Any:
         raise ConfigError(
             f"{path} is not a {module_class.__name__} checkpoint ({type(err).__name__}: {reason})"
         ) from None
-    return module.eval()
+    return module.eval().to(device)
 
 
 # -- measurements ---------------------------------------------------------------------------------------------------
@@ -315,6 +319,7 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
         ensure_toy_world(config.toy_world)
     if not config.sets or not config.inpainters:
         raise ConfigError("the probe needs at least one entry in `sets` and one in `inpainters`")
+    device = resolve_device(config.device)
     run_dir, resumed = resolve_run_dir(settings, "probe", None)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = start_run_record(run_dir, settings, resumed, config.mask_seed, list(argv))
@@ -326,6 +331,7 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
     skips = SkipCounter()
     timings: dict[str, float] = {}
 
+    # 1. the sets (same number of images in each) and mask i for image i of every set
     start = time.perf_counter()
     sets = [load_set(s, config.n_images, config.image_size, config.fit, skips) for s in config.sets]
     n = min(len(s.images) for s in sets)
@@ -338,106 +344,60 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
     buckets = [bucket_label(r, config.bucket_edges) for r in ratios]
     timings["load"] = time.perf_counter() - start
 
+    # 2. what does not depend on the inpainter: FID features and NIQE of the originals
     start = time.perf_counter()
     extractor, fid_info = build_feature_extractor(config.fid.features, config.fid.inception_weights)
-    original_features = {s.name: extract_features(extractor, s.images) for s in sets}
-    original_niqe = {
-        s.name: [
-            safe_niqe(img, config.niqe_color, skips, f"{s.name}/original/{i}")
-            for i, img in enumerate(s.images)
-        ]
+    extractor = extractor.to(device)
+    originals = {
+        s.name: Scores(
+            extract_features(extractor, s.images),
+            [
+                safe_niqe(img, config.niqe_color, skips, f"{s.name}/original/{i}")
+                for i, img in enumerate(s.images)
+            ],
+        )
         for s in sets
     }
-    timings["originals_fid_niqe"] = time.perf_counter() - start
+    timings["originals"] = time.perf_counter() - start
 
+    # 3. every inpainter on every set, scored per image and per bucket
+    start = time.perf_counter()
     per_image: list[dict[str, Any]] = []
     bucket_rows: list[dict[str, Any]] = []
     speeds: dict[str, float] = {}
     display: dict[str, str] = {}
     for spec in config.inpainters:
-        inpainter = build_inpainter(spec, config.checkpoints.get(spec.name, spec.checkpoint))
+        inpainter = build_inpainter(spec, config.checkpoints.get(spec.name, spec.checkpoint), device)
         display[spec.name] = getattr(inpainter, "display_name", spec.kind)
-        inpaint_seconds, quads = 0.0, []
+        seconds = 0.0
         for image_set in sets:
             tick = time.perf_counter()
-            results = torch.cat(
+            results = inpaint_set(inpainter, image_set.images, masks, config.batch_size, device)
+            seconds += time.perf_counter() - tick
+            scores = Scores(
+                extract_features(extractor, results),
                 [
-                    inpainter.inpaint(
-                        image_set.images[i : i + config.batch_size], masks[i : i + config.batch_size]
-                    )
-                    for i in range(0, n, config.batch_size)
-                ]
+                    safe_niqe(img, config.niqe_color, skips, f"{spec.name}/{image_set.name}/{i}")
+                    for i, img in enumerate(results)
+                ],
             )
-            inpaint_seconds += time.perf_counter() - tick
-            features = extract_features(extractor, results)
-            niqes = [
-                safe_niqe(img, config.niqe_color, skips, f"{spec.name}/{image_set.name}/{i}")
-                for i, img in enumerate(results)
-            ]
-            l1s, psnrs = (
-                hole_l1(results, image_set.images, masks).tolist(),
-                psnr(results, image_set.images).tolist(),
+            rows = score_rows(
+                spec.name, image_set, results, masks, ratios, buckets, originals[image_set.name], scores
             )
-            for i in range(n):
-                per_image.append(
-                    {
-                        "inpainter": spec.name,
-                        "set": image_set.name,
-                        "real": image_set.real,
-                        "image": i + 1,
-                        "path": image_set.paths[i],
-                        "hole_ratio": round(ratios[i], 4),
-                        "bucket": buckets[i],
-                        "niqe": niqes[i],
-                        "niqe_original": original_niqe[image_set.name][i],
-                        "hole_l1": l1s[i],
-                        "psnr": psnrs[i],
-                    }
-                )
-            for bucket in [*sorted(set(buckets), key=_bucket_order(config.bucket_edges)), "all"]:
-                chosen = [i for i in range(n) if bucket == "all" or buckets[i] == bucket]
-                bucket_rows.append(
-                    {
-                        "inpainter": spec.name,
-                        "bucket": bucket,
-                        "set": image_set.name,
-                        "real": image_set.real,
-                        "n": len(chosen),
-                        "fid": frechet_distance(original_features[image_set.name][chosen], features[chosen]),
-                        "niqe": _nanmean([niqes[i] for i in chosen]),
-                        "niqe_original": _nanmean([original_niqe[image_set.name][i] for i in chosen]),
-                        "hole_l1": _nanmean([l1s[i] for i in chosen]),
-                        "psnr": _nanmean([psnrs[i] for i in chosen]),
-                    }
-                )
-            if config.save_results:
-                for i in range(n):
-                    target = (
-                        run_dir
-                        / "results"
-                        / spec.name
-                        / image_set.name
-                        / f"{i + 1:04d}_{Path(image_set.paths[i]).stem}.png"
-                    )
-                    save_image(target, _to_pil(results[i]))
-            k = min(config.grid_images, n)
-            quads = [(image_set.images[i], masks[i], results[i]) for i in range(k)]
-            captions = [f"{image_set.name} #{i + 1} hole {100 * ratios[i]:.0f}%" for i in range(k)]
-            log_pil(
-                reporter,
-                f"quadruples/{spec.name}/{image_set.name}",
-                quadruple_sheet(quads, captions, columns=k, tile=min(128, config.image_size)),
-                f"{display[spec.name]} on {image_set.name}: original, masked, mask, result",
-            )
-        speeds[spec.name] = len(sets) * n / max(inpaint_seconds, 1e-9)
+            per_image += rows
+            bucket_rows += bucket_table_rows(rows, originals[image_set.name], scores, config.bucket_edges)
+            save_outputs(reporter, config, spec.name, display[spec.name], image_set, masks, ratios, results)
+        speeds[spec.name] = len(sets) * n / max(seconds, 1e-9)
         del inpainter
-    timings["inpainting_and_metrics"] = time.perf_counter() - start - timings["originals_fid_niqe"]
+    timings["inpainting_and_scores"] = time.perf_counter() - start
 
+    # 4. tables, plots, report
     report = write_reports(reporter, config, sets, bucket_rows, per_image, fid_info, display)
     report.update(
         {
             "n_images_per_set": n,
             "image_size": config.image_size,
+            "device": str(device),
             "sets": {s.name: {"real": s.real, "paths": s.paths} for s in sets},
             "masks": {
                 "source": config.mask_dir or f"{config.mask.kind}, seed {config.mask_seed}",
@@ -464,6 +424,122 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
         print(f"forgelab probe: skipped or adjusted {skips.counts} (see data_health.json)", file=sys.stderr)
     print(f"forgelab: run files in {run_dir}", file=sys.stderr)
     return run_dir
+
+
+@dataclass
+class Scores:
+    """Per image of one set: FID features (N, d) and NIQE values."""
+
+    features: torch.Tensor
+    niqe: list[float]
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" = the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"probe.device is {name!r} but CUDA is not available; use cpu or auto")
+    return device
+
+
+def inpaint_set(
+    inpainter: Any, images: torch.Tensor, masks: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """The inpainter's composites for all images, in batches, back on the CPU."""
+    return torch.cat(
+        [
+            inpainter.inpaint(
+                images[i : i + batch_size].to(device), masks[i : i + batch_size].to(device)
+            ).cpu()
+            for i in range(0, images.shape[0], batch_size)
+        ]
+    )
+
+
+def score_rows(
+    inpainter: str,
+    image_set: ImageSet,
+    results: torch.Tensor,
+    masks: torch.Tensor,
+    ratios: list[float],
+    buckets: list[str],
+    original: Scores,
+    scores: Scores,
+) -> list[dict[str, Any]]:
+    """One row per image: hole ratio and bucket, NIQE of the result and the original, L1 in the hole, PSNR."""
+    l1s = hole_l1(results, image_set.images, masks).tolist()
+    psnrs = psnr(results, image_set.images).tolist()
+    return [
+        {
+            "inpainter": inpainter,
+            "set": image_set.name,
+            "real": image_set.real,
+            "image": i + 1,
+            "path": image_set.paths[i],
+            "hole_ratio": round(ratios[i], 4),
+            "bucket": buckets[i],
+            "niqe": scores.niqe[i],
+            "niqe_original": original.niqe[i],
+            "hole_l1": l1s[i],
+            "psnr": psnrs[i],
+        }
+        for i in range(len(ratios))
+    ]
+
+
+def bucket_table_rows(
+    rows: list[dict[str, Any]], original: Scores, scores: Scores, edges: Sequence[float]
+) -> list[dict[str, Any]]:
+    """Table 2 cells of one (inpainter, set): per hole-ratio bucket present, then all images. FID between the
+    originals and the results of the bucket; means of the per-image values."""
+    present = sorted({r["bucket"] for r in rows}, key=_bucket_order(edges))
+    cells = []
+    for bucket in [*present, "all"]:
+        chosen = [i for i, r in enumerate(rows) if bucket in ("all", r["bucket"])]
+        cells.append(
+            {
+                "inpainter": rows[0]["inpainter"],
+                "bucket": bucket,
+                "set": rows[0]["set"],
+                "real": rows[0]["real"],
+                "n": len(chosen),
+                "fid": frechet_distance(original.features[chosen], scores.features[chosen]),
+                **{
+                    key: _nanmean([rows[i][key] for i in chosen])
+                    for key in ("niqe", "niqe_original", "hole_l1", "psnr")
+                },
+            }
+        )
+    return cells
+
+
+def save_outputs(
+    reporter: Reporter,
+    config: ProbeConfig,
+    inpainter: str,
+    title: str,
+    image_set: ImageSet,
+    masks: torch.Tensor,
+    ratios: list[float],
+    results: torch.Tensor,
+) -> None:
+    """The result images (optional) and the quadruple sheet of the first `grid_images` (Figs. 1-4)."""
+    if config.save_results:
+        folder = Path(reporter.default_root_dir) / "results" / inpainter / image_set.name
+        for i, result in enumerate(results):
+            save_image(folder / f"{i + 1:04d}_{Path(image_set.paths[i]).stem}.png", _to_pil(result))
+    k = min(config.grid_images, results.shape[0])
+    if k:
+        quads = [(image_set.images[i], masks[i], results[i]) for i in range(k)]
+        captions = [f"{image_set.name} #{i + 1} hole {100 * ratios[i]:.0f}%" for i in range(k)]
+        log_pil(
+            reporter,
+            f"quadruples/{inpainter}/{image_set.name}",
+            quadruple_sheet(quads, captions, columns=k, tile=min(128, config.image_size)),
+            f"{title} on {image_set.name}: original, masked, mask, result",
+        )
 
 
 def _bucket_order(edges: Sequence[float]):
@@ -522,8 +598,10 @@ def write_reports(
         lines += ["", f"NIQE of the originals (before inpainting): {originals}.", fid_line, niqe_line]
         sections.append("\n".join(lines))
         per_image_sections.append(_per_image_markdown(name, title, sets, per_image))
-        log_figure(reporter, f"by_bucket_{name}", _bucket_figure(rows, sets, order, title, fid_info))
-    log_figure(reporter, "niqe_vs_hole_ratio", _scatter_figure(per_image, sets, display))
+        if config.plots:
+            log_figure(reporter, f"by_bucket_{name}", _bucket_figure(rows, sets, order, title, fid_info))
+    if config.plots:
+        log_figure(reporter, "niqe_vs_hole_ratio", _scatter_figure(per_image, sets, display))
 
     columns = ["inpainter", "bucket", "set", "real", "n", "fid", "niqe", "niqe_original", "hole_l1", "psnr"]
     table = [[_round(r[c]) if isinstance(r[c], float) else r[c] for c in columns] for r in bucket_rows]
