@@ -70,15 +70,21 @@ def test_every_trainer_preset_stacks_with_a_project_config(preset):
 
 
 def _overlay_base(overlay: Path) -> Path:
-    """The project's first non-tiny config the overlay is written for: same command, and for data overlays a
-    datamodule that has every key the overlay sets."""
+    """The project's first non-tiny config the overlay is written for: same command, and for data overlays the
+    overlay's datamodule class (when it names one) with every key the overlay sets."""
     command = command_of(overlay)
     candidates = command_configs() if command else experiment_configs()
-    keys = set((yaml.safe_load(overlay.read_text()).get("data") or {}).get("init_args") or {})
+    data = yaml.safe_load(overlay.read_text()).get("data") or {}
+    keys = set(data.get("init_args") or {})
     for path in candidates:
         if path.parent != overlay.parent.parent or "tiny" in path.stem or command_of(path) != command:
             continue
-        if command or keys <= set(yaml.safe_load(path.read_text())["data"]["init_args"]):
+        if command:
+            return path
+        base = yaml.safe_load(path.read_text())["data"]
+        if data.get("class_path", base["class_path"]) == base["class_path"] and keys <= set(
+            base["init_args"]
+        ):
             return path
     raise AssertionError(f"no config in {overlay.parent.parent} for overlay {overlay}")
 

@@ -336,9 +336,10 @@ class DeepFillV2Inpainter(InpaintingTask):
         coarse, refined = self.generator(real, hole)
         completed = composite(refined, real, hole)
 
-        d_loss = hinge_discriminator_loss(
-            self.discriminator(real, hole), self.discriminator(completed.detach(), hole)
-        )
+        # one discriminator pass over real and completed images, as the official code (batch_pos_neg)
+        scores = self.discriminator(torch.cat([real, completed.detach()]), torch.cat([hole, hole]))
+        real_scores, fake_scores = scores.chunk(2)
+        d_loss = hinge_discriminator_loss(real_scores, fake_scores)
         d_opt.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
         d_opt.step()
