@@ -74,14 +74,14 @@ def main() -> None:
         (
             "partial conv, paper size (random)",
             size,
-            _rate(PartialConvInpainter(preset="random").eval(), 2, size, 1),
+            _rate(PartialConvInpainter(preset="random").eval(), 1, size, 1),
         )
     )
     rows.append(
         (
             "DeepFill v2, paper size (random)",
             size,
-            _rate(DeepFillV2Inpainter(preset="random").eval(), 2, size, 1),
+            _rate(DeepFillV2Inpainter(preset="random").eval(), 1, size, 1),
         )
     )
     print(f"inpainting on CPU ({args.threads} threads), images/s")
