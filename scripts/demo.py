@@ -27,6 +27,10 @@ class Stage:
     run_name: str
     results: tuple[str, ...]  # files in the run directory to print
     requires: tuple[str, ...] = ()  # stages whose runs this one reads (run first when this one is chosen)
+    place: tuple[str, str] = (
+        "--run.root",
+        "--run.name",
+    )  # the command's options for its output root and name
 
 
 def forgelab() -> str:
@@ -37,7 +41,7 @@ def forgelab() -> str:
 STAGES: list[Stage] = [
     Stage(
         name="classifier",
-        title="Paper 003 Table 3 shape: real-vs-generated classifier (tiny ConvNeXt) on the toy world",
+        title="Paper 003 Table 3 shape: real-vs-generated classifier (tiny ResNet-50) on the toy world",
         command=[
             "fit",
             "--config",
@@ -92,6 +96,15 @@ STAGES: list[Stage] = [
         results=("table2.md",),
         requires=("inpaint_pconv", "inpaint_deepfill"),
     ),
+    Stage(
+        name="sweep",
+        title="A W&B sweep file with no server: 3 bayes trials of the tiny classifier (lr, weight decay, backbone)",
+        command=["sweep", "configs/sweeps/classifier_tiny.yaml", "--count", "3"],
+        project="sweeps",  # runs/demo/sweeps/<name>/trial-NNN/, compared in compare/
+        run_name="classifier_tiny",
+        results=("compare/compare.md",),
+        place=("--root", "--name"),
+    ),
 ]
 
 
@@ -100,7 +113,8 @@ def run_stage(stage: Stage) -> float:
     run_dir = RUNS / stage.project / stage.run_name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo's runs are re-made each time; real runs never overwrite
-    command = [forgelab(), *stage.command, f"--run.root={RUNS}", f"--run.name={stage.run_name}"]
+    root_option, name_option = stage.place
+    command = [forgelab(), *stage.command, f"{root_option}={RUNS}", f"{name_option}={stage.run_name}"]
     print("$ " + " ".join(command[:1] + [c if " " not in c else repr(c) for c in command[1:]]), flush=True)
     start = time.perf_counter()
     completed = subprocess.run(
