@@ -16,6 +16,7 @@ report.json, data_health.json, and the same tables, plots and summary values on 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import pickle
@@ -29,8 +30,7 @@ from typing import Any, Literal
 import matplotlib
 
 matplotlib.use("Agg")
-import itertools
-
+import lightning as L
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -241,7 +241,7 @@ def probe_masks(config: ProbeConfig, n: int, skips: SkipCounter) -> list[torch.T
 
 def build_inpainter(spec: InpainterSpec, checkpoint: str | None, device: torch.device) -> Any:
     """An object with `inpaint(image, hole)` and `display_name`, in eval mode on `device`."""
-    if spec.kind == "diffusion":
+    if spec.kind == "diffusion" and not checkpoint:
         from projects.inpaint_probe.diffusion_inpainter import DiffusionInpainter
 
         inpainter = DiffusionInpainter(
@@ -249,33 +249,68 @@ def build_inpainter(spec: InpainterSpec, checkpoint: str | None, device: torch.d
         )
         inpainter.pipeline.to(device)
         return inpainter
+    if (
+        spec.kind == "diffusion"
+    ):  # a `forgelab fit` of diffusion_inpaint*.yaml: its sampling settings are the spec's
+        from projects.inpaint_probe.diffusion_inpainter import DiffusionInpaintingFinetune
+
+        sampling = {"steps": spec.steps, "guidance_scale": spec.guidance_scale, "seed": spec.seed}
+        return _load_inpainter(DiffusionInpaintingFinetune, spec, checkpoint, sampling).to(device)
     module_class = {"partial_conv": PartialConvInpainter, "gated_conv": DeepFillV2Inpainter}.get(spec.kind)
     if module_class is None:
         raise ConfigError(
             f"inpainter {spec.name!r}: unknown kind {spec.kind!r} (partial_conv, gated_conv, diffusion)"
         )
+    return _load_inpainter(module_class, spec, checkpoint).to(device)
+
+
+# the tiny training config of each kind, named in the error for a missing checkpoint
+_TINY_CONFIG = {
+    "partial_conv": "partial_conv_tiny.yaml",
+    "gated_conv": "deepfill_v2_tiny.yaml",
+    "diffusion": "diffusion_inpaint_tiny.yaml",
+}
+
+
+def _load_inpainter(
+    module_class: type[L.LightningModule],
+    spec: InpainterSpec,
+    checkpoint: str | None,
+    overrides: dict[str, Any] | None = None,
+) -> L.LightningModule:
+    """Build `module_class` from a checkpoint's saved hyper-parameters (plus `overrides`), then its weights: data
+    only (weights_only), and exactly the keys the module saves (all of them, or `trained_keys()` for modules
+    whose checkpoints leave frozen pretrained parts out)."""
     if not checkpoint:
         raise ConfigError(
             f"inpainter {spec.name!r} ({spec.kind}) needs a checkpoint: train one with `forgelab fit --config "
-            f"configs/trainer/cpu.yaml --config configs/inpaint_probe/{spec.kind}_tiny.yaml` and pass "
+            f"configs/trainer/cpu.yaml --config configs/inpaint_probe/{_TINY_CONFIG[spec.kind]}` and pass "
             f"--checkpoints.{spec.name}=runs/inpaint_probe/<run>/checkpoints/last.ckpt"
         )
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(f"inpainter {spec.name!r}: checkpoint {path} does not exist")
-    try:  # built from the saved hyper-parameters, then the weights: data only (weights_only), strictly
+    try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         # LightningCLI adds `_class_path`/`_instantiator`; the weights come from this file, not checkpoint_path
         hparams = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
-        hparams["checkpoint_path"] = None
-        module = module_class(**hparams)
-        module.load_state_dict(saved["state_dict"], strict=True)
+        if "checkpoint_path" in hparams:
+            hparams["checkpoint_path"] = None
+        module = module_class(**{**hparams, **(overrides or {})})
+        expected = module.trained_keys() if hasattr(module, "trained_keys") else set(module.state_dict())
+        if set(saved["state_dict"]) != expected:
+            missing, extra = (
+                sorted(expected - set(saved["state_dict"])),
+                sorted(set(saved["state_dict"]) - expected),
+            )
+            raise KeyError(f"missing {missing[:3]}, unexpected {extra[:3]}")
+        module.load_state_dict(saved["state_dict"], strict=False)
     except (KeyError, RuntimeError, TypeError, ValueError, pickle.UnpicklingError) as err:
         reason = " ".join(str(err).split())[:300]
         raise ConfigError(
             f"{path} is not a {module_class.__name__} checkpoint ({type(err).__name__}: {reason})"
         ) from None
-    return module.eval().to(device)
+    return module.eval()
 
 
 # -- measurements ---------------------------------------------------------------------------------------------------
