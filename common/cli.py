@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
+from common.env import RUN_DIR_ENV
 from common.errors import ForgelabError
 
 log = logging.getLogger("forgelab")
@@ -59,9 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         _print_overview(commands)
         return
-    inherited_run_dir = os.environ.get(
-        "FORGELAB_RUN_DIR"
-    )  # common.runs.RUN_DIR_ENV, without importing Lightning
+    inherited_run_dir = os.environ.get(RUN_DIR_ENV)
     try:
         if args[0] in commands and args[0] not in TRAINER_COMMANDS:
             command: Callable[[list[str]], Any] = commands[args[0]].load()
@@ -76,9 +75,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"forgelab: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:  # the next run in this process (a sweep, a test) must not inherit this run's directory or W&B run
-        runs = sys.modules.get("common.runs")
-        if inherited_run_dir is None and runs is not None:
-            os.environ.pop(runs.RUN_DIR_ENV, None)
+        if inherited_run_dir is None:
+            os.environ.pop(RUN_DIR_ENV, None)
         finish_wandb_run()
 
 

@@ -37,9 +37,9 @@ import matplotlib.pyplot as plt
 import yaml
 from matplotlib.ticker import MaxNLocator
 
+from common.configs import flatten_config
 from common.errors import ConfigError, ForgelabError
 from common.io import save_figure, write_csv, write_text
-from common.runs import flatten_config
 
 SWEEP_STATE = "sweep.json"  # a sweep directory's state (common/sweep.py)
 

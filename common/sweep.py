@@ -57,9 +57,9 @@ from common.compare import (
     metric_goal,
     read_metrics_csv,
 )
+from common.env import RUN_DIR_ENV
 from common.errors import ConfigError, ForgelabError
 from common.io import write_json, write_text
-from common.runs import RUN_DIR_ENV
 
 with warnings.catch_warnings():  # sweeps 0.3 declares a pydantic v1 config key; harmless
     warnings.simplefilter("ignore")

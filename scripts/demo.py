@@ -26,6 +26,7 @@ class Stage:
     project: str  # runs/demo/<project>/<run name>/
     run_name: str
     results: tuple[str, ...]  # files in the run directory to print
+    requires: tuple[str, ...] = ()  # stages whose runs this one reads (run first when this one is chosen)
     place: tuple[str, str] = (
         "--run.root",
         "--run.name",
@@ -53,8 +54,51 @@ STAGES: list[Stage] = [
         results=("test_per_generator.md",),
     ),
     Stage(
+        name="inpaint_pconv",
+        title="Paper 003 Sec. 3: Liu et al. partial-convolution inpainter (tiny) trained on the toy world's real renders",
+        command=[
+            "fit",
+            "--config",
+            "configs/trainer/cpu.yaml",
+            "--config",
+            "configs/inpaint_probe/partial_conv_tiny.yaml",
+        ],
+        project="inpaint_probe",
+        run_name="partial_conv",
+        results=("test_by_hole_ratio.md",),
+    ),
+    Stage(
+        name="inpaint_deepfill",
+        title="Paper 003 Sec. 3: DeepFill v2 gated-convolution inpainter with SN-PatchGAN (tiny) on the same images",
+        command=[
+            "fit",
+            "--config",
+            "configs/trainer/cpu.yaml",
+            "--config",
+            "configs/inpaint_probe/deepfill_v2_tiny.yaml",
+        ],
+        project="inpaint_probe",
+        run_name="deepfill_v2",
+        results=("test_by_hole_ratio.md",),
+    ),
+    Stage(
+        name="probe",
+        title="Paper 003 Table 2 shape: both inpainters on real vs generated toy images, same masks, FID and NIQE",
+        command=[
+            "probe",
+            "--config",
+            "configs/inpaint_probe/probe_tiny.yaml",
+            f"--probe.checkpoints.partial_conv={RUNS}/inpaint_probe/partial_conv/checkpoints/last.ckpt",
+            f"--probe.checkpoints.gated_conv={RUNS}/inpaint_probe/deepfill_v2/checkpoints/last.ckpt",
+        ],
+        project="inpaint_probe",
+        run_name="probe",
+        results=("table2.md",),
+        requires=("inpaint_pconv", "inpaint_deepfill"),
+    ),
+    Stage(
         name="item",
-        title="ITEM Tables I-II and Fig. 4 shape: frozen features cached once, MLP head (tiny CLIP, oracle captions)",
+        title="ITEM Tables I-III and Fig. 4 shape: frozen features cached once, MLP head (tiny CLIP, oracle captions)",
         command=[
             "fit",
             "--config",
@@ -114,13 +158,16 @@ def main() -> None:
     start = time.perf_counter()
     ensure_toy_world("data/toy_world")
     timings = {"toy world": time.perf_counter() - start}
+    for stage in STAGES:  # a chosen stage brings the stages it reads from
+        if stage.name in wanted:
+            wanted |= set(stage.requires)
     for stage in STAGES:
         if not wanted or stage.name in wanted:
             timings[stage.name] = run_stage(stage)
     print("\n=== demo summary ===")
     for name, seconds in timings.items():
-        print(f"  {name:<12} {seconds:6.0f} s")
-    print(f"  {'total':<12} {time.perf_counter() - total:6.0f} s")
+        print(f"  {name:<16} {seconds:6.0f} s")
+    print(f"  {'total':<16} {time.perf_counter() - total:6.0f} s")
     print(f"W&B runs were written offline under {RUNS}/*/*/wandb: `wandb sync <dir>` uploads one.")
 
 
