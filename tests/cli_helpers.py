@@ -74,8 +74,8 @@ def item_subset(toy: Path, per_label: int = 1) -> Path:
 
 def _item_overrides(toy: Path) -> list[str]:
     """ITEM's frozen stage on a few images of the small toy world (`item_subset`), tiny models, short captions,
-    and one feature cache shared by every ITEM config of the session (configs with the same frozen stage reuse
-    its entries)."""
+    clean test images only (the Fig. 4 grid's tests add it back), and one feature cache shared by every ITEM
+    config of the session (configs with the same frozen stage reuse its entries)."""
     subset = item_subset(toy)  # 4 images per split: one real and one generated per generator
     return [
         "--data.init_args.toy_world=null",
@@ -90,6 +90,7 @@ def _item_overrides(toy: Path) -> list[str]:
         "--data.init_args.extract_batch_size=32",
         "--data.init_args.extract_workers=0",
         "--data.init_args.batch_size=8",
+        "--data.init_args.test_perturbations=[none]",
     ]
 
 

@@ -301,6 +301,10 @@ def item_args(config: Path, toy: Path, *extra: str) -> list[str]:
     return ["--config", str(CPU), "--config", str(config), *tiny_overrides(config, toy), *extra]
 
 
+# the config's own test conditions, which tiny_overrides cuts to clean images
+FIG4_GRID = f"--data.init_args.test_perturbations={json.dumps(robustness_specs())}"
+
+
 def test_extract_then_fit_on_the_cache_then_predict_with_captions(small_toy_world, tmp_path) -> None:
     cache = f"--data.init_args.cache_dir={tmp_path / 'cache'}"
     runs = f"--run.root={tmp_path / 'runs'}"
@@ -310,7 +314,7 @@ def test_extract_then_fit_on_the_cache_then_predict_with_captions(small_toy_worl
     )
     assert code == 2 and "forgelab extract" in err and "Traceback" not in err
 
-    code, out, err = run_cli(["extract", *item_args(TINY, small_toy_world, cache, runs)])
+    code, out, err = run_cli(["extract", *item_args(TINY, small_toy_world, cache, runs, FIG4_GRID)])
     assert code == 0, err
     (extract_run,) = (tmp_path / "runs" / "item_detector").glob("extract-*")
     report = json.loads((extract_run / "extract_report.json").read_text())
@@ -318,7 +322,10 @@ def test_extract_then_fit_on_the_cache_then_predict_with_captions(small_toy_worl
     assert {"train/none", "val/none"} | conditions <= set(report["extraction"])
     assert "train/none" in out
 
-    fit = ["fit", *item_args(TINY, small_toy_world, cache, runs, "--data.init_args.extract_missing=false")]
+    fit = [
+        "fit",
+        *item_args(TINY, small_toy_world, cache, runs, FIG4_GRID, "--data.init_args.extract_missing=false"),
+    ]
     code, out, err = run_cli([*fit, "--trainer.max_epochs=2", "--run.name=fit"])
     assert code == 0, err
     run = tmp_path / "runs" / "item_detector" / "fit"
@@ -366,6 +373,7 @@ def test_robustness_config_writes_the_fig4_table_and_plot(small_toy_world, tmp_p
                 f"--run.root={tmp_path}",
                 "--trainer.max_epochs=1",
                 "--run.name=r",
+                FIG4_GRID,
             ),
         ]
     )
