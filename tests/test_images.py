@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from common.data.images import ImageDecodeError, load_rgb
@@ -147,3 +148,18 @@ def test_webp_and_bmp_are_read(tmp_path):
         path = tmp_path / f"x.{ext}"
         path.write_bytes(buffer.getvalue())
         assert load_rgb(path).getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_collate_with_skips_stacks_good_items_and_lists_the_skipped_ones():
+    from common.data.collate import collate_with_skips
+
+    good = {"image": torch.ones(3, 2, 2), "label": 1, "path": "a.png", "caption": "a valve"}
+    bad = {"skip": "truncated", "path": "b.png"}
+    batch = collate_with_skips(
+        [good, bad, good], {"image": (3, 1, 1)}, {"label": torch.long}, ("path", "caption")
+    )
+    assert batch["image"].shape == (2, 3, 2, 2) and batch["label"].tolist() == [1, 1]
+    assert batch["path"] == ["a.png", "a.png"] and batch["caption"] == ["a valve"] * 2
+    assert batch["skipped"] == [("b.png", "truncated")]
+    empty = collate_with_skips([bad], {"image": (3, 1, 1)}, {"label": torch.long}, ("path",))
+    assert empty["image"].shape == (0, 3, 1, 1) and empty["label"].dtype == torch.long and empty["path"] == []

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
+from common.data.collate import collate_with_skips
 from common.data.images import ImageDecodeError, SkipLog, load_rgb
 from common.data.samples import DatasetLayoutError
 from common.transforms import AugmentConfig, build_eval_transform, build_train_transform
@@ -142,14 +143,8 @@ class CaptionedDataset(Dataset):
 
 def collate_captioned(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images and labels; keep captions, boxes and phrases as per-image lists; report skipped files."""
-    good = [item for item in items if "skip" not in item]
-    batch: dict[str, Any] = {"skipped": [(item["path"], item["skip"]) for item in items if "skip" in item]}
-    batch["image"] = torch.stack([item["image"] for item in good]) if good else torch.empty(0, 3, 1, 1)
-    batch["label"] = torch.tensor([item["label"] for item in good], dtype=torch.long)
-    batch["index"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
-    for key in ("caption", "subclass", "boxes", "phrases", "path"):
-        batch[key] = [item[key] for item in good]
-    return batch
+    lists = ("caption", "subclass", "boxes", "phrases", "path")
+    return collate_with_skips(items, {"image": (3, 1, 1)}, {"label": torch.long, "index": torch.long}, lists)
 
 
 class CaptionedParts(L.LightningDataModule):

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.data.collate import collate_with_skips
 from common.data.images import ImageDecodeError, SkipLog, load_rgb
 from common.data.samples import DatasetLayoutError, Sample, index_image_folder, index_source
 from common.perturbations import Perturbation
@@ -68,25 +69,9 @@ class RealFakeDataset(Dataset):
 
 def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the decodable items; report the others under `skipped` so a callback can count them."""
-    good = [item for item in items if "skip" not in item]
-    skipped = [(item["path"], item["skip"]) for item in items if "skip" in item]
-    if not good:
-        return {
-            "image": torch.empty(0, 3, 1, 1),
-            "label": torch.empty(0, dtype=torch.long),
-            "generator_id": torch.empty(0, dtype=torch.long),
-            "index": torch.empty(0, dtype=torch.long),
-            "path": [],
-            "skipped": skipped,
-        }
-    return {
-        "image": torch.stack([item["image"] for item in good]),
-        "label": torch.tensor([item["label"] for item in good], dtype=torch.long),
-        "generator_id": torch.tensor([item["generator_id"] for item in good], dtype=torch.long),
-        "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
-        "path": [item["path"] for item in good],
-        "skipped": skipped,
-    }
+    long = torch.long
+    scalars = {"label": long, "generator_id": long, "index": long}
+    return collate_with_skips(items, {"image": (3, 1, 1)}, scalars, ("path",))
 
 
 def index_sources(sources: str | Sequence[str], skips: SkipLog) -> list[Sample]:

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from common.data.collate import collate_with_skips
 from common.data.images import ImageDecodeError, SkipLog, is_image_file, load_rgb
 from common.data.realfake import stratified_split
 from common.data.samples import DatasetLayoutError, Sample
@@ -138,25 +139,8 @@ class InpaintingDataset(Dataset):
 
 def collate_inpainting(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the decodable items; report the others under `skipped`."""
-    good = [item for item in items if "skip" not in item]
-    skipped = [(item["path"], item["skip"]) for item in items if "skip" in item]
-    if not good:
-        return {
-            "image": torch.empty(0, 3, 1, 1),
-            "hole": torch.empty(0, 1, 1, 1),
-            "hole_ratio": torch.empty(0),
-            "index": torch.empty(0, dtype=torch.long),
-            "path": [],
-            "skipped": skipped,
-        }
-    return {
-        "image": torch.stack([item["image"] for item in good]),
-        "hole": torch.stack([item["hole"] for item in good]),
-        "hole_ratio": torch.tensor([item["hole_ratio"] for item in good], dtype=torch.float32),
-        "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
-        "path": [item["path"] for item in good],
-        "skipped": skipped,
-    }
+    stacked = {"image": (3, 1, 1), "hole": (1, 1, 1)}
+    return collate_with_skips(items, stacked, {"hole_ratio": torch.float32, "index": torch.long}, ("path",))
 
 
 class InpaintingImages(L.LightningDataModule):
