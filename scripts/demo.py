@@ -97,6 +97,20 @@ STAGES: list[Stage] = [
         requires=("inpaint_pconv", "inpaint_deepfill"),
     ),
     Stage(
+        name="item",
+        title="ITEM Tables I-III and Fig. 4 shape: frozen features cached once, MLP head (tiny CLIP, oracle captions)",
+        command=[
+            "fit",
+            "--config",
+            "configs/trainer/cpu.yaml",
+            "--config",
+            "configs/item_detector/tiny.yaml",
+        ],
+        project="item_detector",
+        run_name="item",
+        results=("test_paper_tables.md", "test_robustness.md"),
+    ),
+    Stage(
         name="sweep",
         title="A W&B sweep file with no server: 3 bayes trials of the tiny classifier (lr, weight decay, backbone)",
         command=["sweep", "configs/sweeps/classifier_tiny.yaml", "--count", "3"],

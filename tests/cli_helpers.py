@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from common.cli import main
+from common.io import write_text
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs"
@@ -51,6 +53,47 @@ def _realfake_overrides(toy: Path) -> list[str]:
     ]
 
 
+def item_subset(toy: Path, per_label: int = 1) -> Path:
+    """Manifests of the small toy world cut to `per_label` real + generated images per generator and split
+    (with captions and boxes, for the `dataset` oracle), written once next to it: every ITEM config extracts
+    its frozen features in the CLI tests, so fewer images keep those tests within budget."""
+    out = toy.parent / f"item_subset_{per_label}"
+    if (out / "test.jsonl").is_file():
+        return out
+    out.mkdir(exist_ok=True)
+    for split in ("train", "val", "test"):
+        rows, seen = [], Counter()
+        for line in (toy / "realfake" / f"{split}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if seen[(row["generator"], row["label"])] < per_label:
+                seen[(row["generator"], row["label"])] += 1
+                rows.append(json.dumps(row | {"path": str(toy / "realfake" / row["path"])}))
+        write_text(out / f"{split}.jsonl", "\n".join(rows) + "\n")
+    return out
+
+
+def _item_overrides(toy: Path) -> list[str]:
+    """ITEM's frozen stage on a few images of the small toy world (`item_subset`), tiny models, short captions,
+    clean test images only (the Fig. 4 grid's tests add it back), and one feature cache shared by every ITEM
+    config of the session (configs with the same frozen stage reuse its entries)."""
+    subset = item_subset(toy)  # 4 images per split: one real and one generated per generator
+    return [
+        "--data.init_args.toy_world=null",
+        f"--data.init_args.train_root={subset / 'train.jsonl'}",
+        f"--data.init_args.val_root={subset / 'val.jsonl'}",
+        f"--data.init_args.test_root={subset / 'test.jsonl'}",
+        f"--data.init_args.cache_dir={toy.parent / 'item_cache'}",
+        "--data.init_args.preset=tiny",
+        "--data.init_args.device=cpu",
+        "--data.init_args.dtype=float32",
+        "--data.init_args.captioner.max_new_tokens=8",
+        "--data.init_args.extract_batch_size=32",
+        "--data.init_args.extract_workers=0",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.test_perturbations=[none]",
+    ]
+
+
 def _inpainting_overrides(toy: Path) -> list[str]:
     parts = toy / "parts"
     return [
@@ -68,6 +111,7 @@ def _inpainting_overrides(toy: Path) -> list[str]:
 # datamodule class_path -> CLI overrides pointing it at the small toy world with cheap settings
 DATA_OVERRIDES: dict[str, Callable[[Path], list[str]]] = {
     "common.data.RealFakeFolder": _realfake_overrides,
+    "projects.item_detector.data.ItemFeatures": _item_overrides,
     "projects.inpaint_probe.data.InpaintingImages": _inpainting_overrides,
 }
 

@@ -26,6 +26,7 @@ from common.backbones import (
     create_clip,
     create_diffusion_components,
     create_grounding_dino,
+    create_llava,
     create_owlv2,
     create_timm_classifier,
     local_bert_tokenizer,
@@ -207,6 +208,7 @@ def test_timm_pretrained_offline_raises_one_actionable_error(tmp_path, monkeypat
         (create_clip, "openai/clip-vit-large-patch14"),
         (create_blip2, "Salesforce/blip2-opt-2.7b"),
         (create_grounding_dino, "IDEA-Research/grounding-dino-tiny"),
+        (create_llava, "llava-hf/llava-1.5-7b-hf"),
         (create_diffusion_components, "stabilityai/stable-diffusion-2-1-base"),
     ],
 )
@@ -256,7 +258,7 @@ def test_tiny_clip_embeds_images_and_truncated_long_captions_in_one_space() -> N
 
 
 @pytest.mark.parametrize(
-    "factory", [create_clip, create_blip2, create_blip, create_grounding_dino, create_owlv2]
+    "factory", [create_clip, create_blip2, create_blip, create_grounding_dino, create_owlv2, create_llava]
 )
 def test_tiny_transformers_presets_are_deterministic(factory) -> None:
     assert same_weights(factory(preset="tiny")[0], factory(preset="tiny")[0])
@@ -269,6 +271,23 @@ def test_tiny_captioners_generate_decodable_text_for_a_batch(factory) -> None:
         generated = model.generate(**processor(images=images(), return_tensors="pt"), max_new_tokens=5)
     captions = processor.batch_decode(generated, skip_special_tokens=True)
     assert len(captions) == 2 and all(isinstance(c, str) and c.strip() for c in captions)
+
+
+def test_tiny_llava_captions_a_batch_from_llava_15_chat_prompts() -> None:
+    model, processor = create_llava(preset="tiny")
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}
+    ]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nDescribe it. ASSISTANT:"  # llava-1.5's format
+    inputs = processor(images=images(), text=[prompt, prompt], return_tensors="pt", padding=True)
+    image_token = model.config.image_token_index
+    assert (inputs["input_ids"] == image_token).sum(dim=1).tolist() == [16, 16]  # one token per 8 px patch
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+    assert new_tokens.shape == (2, 4)
+    assert all(isinstance(c, str) for c in processor.batch_decode(new_tokens, skip_special_tokens=True))
 
 
 def test_blip2_processor_does_not_leak_its_image_token_into_other_tokenizers() -> None:

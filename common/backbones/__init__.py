@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         create_blip2,
         create_clip,
         create_grounding_dino,
+        create_llava,
         create_open_clip,
         create_owlv2,
     )
@@ -48,6 +49,7 @@ _EXPORTS = {
     "create_blip2": "transformers_models",
     "create_blip": "transformers_models",
     "create_grounding_dino": "transformers_models",
+    "create_llava": "transformers_models",
     "create_owlv2": "transformers_models",
     "DiffusionComponents": "diffusion_models",
     "create_diffusion_components": "diffusion_models",
@@ -67,6 +69,7 @@ __all__ = [
     "create_clip",
     "create_diffusion_components",
     "create_grounding_dino",
+    "create_llava",
     "create_open_clip",
     "create_owlv2",
     "create_timm_classifier",

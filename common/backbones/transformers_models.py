@@ -26,10 +26,15 @@ from transformers import (
     CLIPImageProcessor,
     CLIPModel,
     CLIPProcessor,
+    CLIPVisionConfig,
     GroundingDinoConfig,
     GroundingDinoForObjectDetection,
     GroundingDinoImageProcessor,
     GroundingDinoProcessor,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     Owlv2Config,
     Owlv2ForObjectDetection,
     Owlv2ImageProcessor,
@@ -338,3 +343,64 @@ def create_owlv2(
         model = Owlv2ForObjectDetection(config)
     image_processor = Owlv2ImageProcessor(size={"height": 32, "width": 32})
     return model.eval(), Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# llava-hf/llava-1.5-*'s chat template ("USER: <image>\n<text> ASSISTANT:"), for the tiny preset's processor.
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def create_llava(
+    model_id: str = "llava-hf/llava-1.5-7b-hf",
+    *,
+    preset: Preset = "pretrained",
+    dtype: torch.dtype | None = None,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """LLaVA captioner (ITEM's caption-model ablation, Fig. 7). llava-1.5-7b is ~14 GB in fp16.
+
+    Prompt it through ``processor.apply_chat_template`` (a user turn with an image and the instruction,
+    ``add_generation_prompt=True``) and decode only the generated tokens. The tiny preset is the same class with a
+    2-layer CLIP vision tower (32 px, 16 patches), a 2-layer Llama, a local byte-level BPE tokenizer with an
+    ``<image>`` token, left padding for batched generation, and llava-1.5's chat template.
+    """
+    check_preset(preset)
+    if preset != "tiny":
+        return _load_from_hub(LlavaForConditionalGeneration, LlavaProcessor, model_id, preset, dtype)
+
+    tokenizer = local_opt_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the last prompt token
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        patch_size=_TINY_VIT["patch_size"],
+        vision_feature_select_strategy="default",  # drop the CLS token: 16 image tokens per image
+        num_additional_image_tokens=1,
+        image_token="<image>",
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**_TINY_VIT, projection_dim=32),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    with seeded():
+        model = LlavaForConditionalGeneration(config)
+    return model.eval(), processor

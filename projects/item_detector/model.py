@@ -1,0 +1,264 @@
+"""`ItemDetector`: ITEM's trainable part, read as Algorithm 1 lines 4-9 on cached frozen features.
+
+forward(batch): D_g (Eq. 4) and D_l^i (Eq. 6) by `misalignment_vector`, D_l (Eq. 7), D = w1 D_g + w2 D_l (Eq. 8),
+logits = MLP(D) (Eq. 9); the loss is Eq. 10. Only the head has parameters (AdamW, lr 1e-3, weight decay 1e-3,
+50 epochs, as the paper). The frozen models never enter this module: they live in the datamodule's cached
+stage, so "only the head trains" holds by construction.
+
+Beyond RealFakeTask's per-generator report, testing writes the paper-shaped Tables I-III, the Fig. 4
+robustness table and plot when the datamodule has several test conditions, and the Fig. 9 t-SNE of D (with
+the CLIP image embedding, UniFD's representation, for comparison). `predict` writes path, caption, score,
+label.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torchvision.transforms.functional import pil_to_tensor
+
+from common.data.images import ImageDecodeError, load_rgb
+from common.io import write_csv, write_json
+from common.metrics import RealFakeMetrics
+from common.reporting import log_figure, log_table
+from common.tasks import RealFakeTask
+from projects.item_detector.head import MisalignmentHead, fake_probability, item_bce
+from projects.item_detector.misalignment import (
+    EmptyLocal,
+    empty_local_fallback,
+    hierarchical_distance,
+    local_distance,
+    misalignment_vector,
+)
+from projects.item_detector.report import paper_tables, robustness_figure, robustness_table, tsne_figure
+
+
+class ItemDetector(RealFakeTask):
+    """ITEM's MLP head on the hierarchical misalignment D.
+
+    Args:
+        hidden_features: width of the MLP's hidden layer (not given in the paper).
+        w_global, w_local: w1, w2 of Eq. 8 (1.0, 1.0 in the paper; (1, 0) global-only, (0, 1) local-only).
+        empty_local: D_l of an image where nothing was grounded: "global" (D_l = D_g: the whole image is its
+            only object; default) or "zero".
+        dropout: dropout before the last layer (0 in the paper).
+        lr, weight_decay: AdamW (1e-3, 1e-3 in the paper).
+        feature_dim: CLIP embedding size; None takes it from the datamodule (768 for ViT-L/14).
+        tsne_max_points: images per generator shown in the Fig. 9 t-SNE (0 disables the figure).
+    """
+
+    monitor = None  # the paper trains 50 epochs and uses the last head; validation metrics are logged only
+
+    def __init__(
+        self,
+        hidden_features: int = 512,
+        w_global: float = 1.0,
+        w_local: float = 1.0,
+        empty_local: EmptyLocal = "global",
+        dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+        feature_dim: int | None = None,
+        tsne_max_points: int = 500,
+        threshold: float = 0.5,
+        max_misclassified: int = 32,
+    ) -> None:
+        super().__init__(threshold=threshold, max_misclassified=max_misclassified)
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if w_global < 0 or w_local < 0 or w_global + w_local == 0:
+            raise ValueError(f"w_global and w_local must be >= 0 and not both 0, got {w_global}, {w_local}")
+        empty_local_fallback(torch.zeros(1), empty_local)  # validates the policy name
+        self.save_hyperparameters()
+        self.head: MisalignmentHead | None = None
+        if feature_dim is not None:
+            self.head = MisalignmentHead(feature_dim, hidden_features, dropout)
+        self.conditions: list[str] = ["none"]
+        self.condition_metrics: list[RealFakeMetrics] = []
+        self._tsne: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._captions: dict[str, str] = {}
+        self._clean_report: dict[str, dict[str, float]] | None = None
+
+    def configure_model(self) -> None:
+        """Build the head once the datamodule knows the CLIP embedding size (before any checkpoint loads)."""
+        if self.head is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dim = getattr(datamodule, "feature_dim", None)
+        if dim is None:
+            raise RuntimeError(
+                "ItemDetector needs feature_dim: set model.init_args.feature_dim or use ItemFeatures"
+            )
+        self.hparams["feature_dim"] = dim  # saved with checkpoints, so load_from_checkpoint rebuilds the head
+        self.head = MisalignmentHead(dim, self.hparams.hidden_features, self.hparams.dropout)
+
+    # -- Algorithm 1, lines 4-9 ------------------------------------------------------------------------------
+    def distance(self, batch: dict[str, Any]) -> torch.Tensor:
+        """D of Eq. 8 from the batch's cached CLIP embeddings."""
+        d_global = misalignment_vector(batch["global_image"], batch["global_text"])  # Eq. 4
+        d_objects = misalignment_vector(batch["local_image"], batch["local_text"])  # Eq. 6
+        fallback = empty_local_fallback(d_global, self.hparams.empty_local)
+        d_local = local_distance(d_objects, batch["local_mask"], fallback)  # Eq. 7
+        return hierarchical_distance(d_global, d_local, self.hparams.w_global, self.hparams.w_local)  # Eq. 8
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError(
+                "the head is built by configure_model(); run through a Trainer or set feature_dim"
+            )
+        return self.head(self.distance(batch))  # Eq. 9
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return item_bce(logits, labels)  # Eq. 10 (batch mean)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return fake_probability(logits)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.head.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+    # -- test: per-generator report, robustness conditions, t-SNE ------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._report_feature_health()
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        conditions = list(getattr(self.trainer.datamodule, "test_conditions", ["none"]))
+        self.conditions = conditions
+        names = self.test_metrics.generator_names
+        self.condition_metrics = [
+            RealFakeMetrics(names, self.threshold).to(self.device) for _ in conditions[1:]
+        ]
+        self._tsne = []
+        self._clean_report = None
+        self._report_feature_health()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._is_empty(batch):
+            return
+        distance = self.distance(batch)
+        logits = self.head(distance)
+        scores = self.scores(logits)
+        labelled = batch["label"] >= 0
+        if labelled.any():
+            loss = self.loss(logits[labelled], batch["label"][labelled])
+            self.log("test/loss", loss, batch_size=int(labelled.sum()), sync_dist=True)
+        metrics = self.test_metrics if dataloader_idx == 0 else self.condition_metrics[dataloader_idx - 1]
+        metrics.update(scores, batch["label"], batch["generator_id"], batch["index"])
+        if dataloader_idx != 0:
+            return
+        if self.hparams.tsne_max_points > 0:
+            self._tsne.append(
+                (
+                    distance.detach().cpu(),
+                    batch["global_image"].detach().cpu(),
+                    batch["label"].cpu(),
+                    batch["generator_id"].cpu(),
+                )
+            )
+        wrong = ((scores >= self.threshold).long() != batch["label"]) & labelled
+        wrong = wrong.nonzero().flatten().tolist()
+        for i in wrong[: max(0, self.max_misclassified - len(self._misclassified))]:
+            self._misclassified.append(self._thumbnail(batch, i, float(scores[i])))
+
+    def _thumbnail(self, batch: dict[str, Any], i: int, score: float) -> tuple[torch.Tensor, str]:
+        """A misclassified image with its truth, score and (start of) caption, for the report's grid."""
+        try:
+            image = pil_to_tensor(load_rgb(batch["path"][i]).resize((128, 128))).float() / 255
+        except ImageDecodeError:
+            image = torch.zeros(3, 128, 128)
+        truth = "fake" if int(batch["label"][i]) == 1 else "real"
+        return image, f"{truth} p={score:.2f}\n{batch['caption'][i][:20]}"
+
+    def report_test(
+        self,
+        report: dict[str, dict[str, float]],
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor,
+    ) -> None:
+        """The base per-generator report, then Tables I-III in the paper's shape and the Fig. 9 t-SNE."""
+        super().report_test(report, scores, labels, groups)
+        self._clean_report = report
+        method = f"ITEM ({Path(self.trainer.default_root_dir).name})"
+        columns, rows, markdown = paper_tables(report, method)
+        log_table(self.trainer, "test/paper_tables", columns, rows, markdown=markdown)
+        print(markdown + "\n")
+        if self._tsne and self.hparams.tsne_max_points > 0:
+            distances, images, tsne_labels, tsne_groups = (torch.cat(parts) for parts in zip(*self._tsne))
+            figure = tsne_figure(
+                {"ITEM D": distances, "CLIP image (UniFD)": images},
+                tsne_labels,
+                tsne_groups,
+                self.test_metrics.generator_names,
+                self.hparams.tsne_max_points,
+            )
+            log_figure(self.trainer, "test/tsne", figure)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if not self.condition_metrics:
+            return
+        reports = {}
+        for condition, metrics in zip(self.conditions[1:], self.condition_metrics):
+            reports[condition] = metrics.compute()  # all ranks: compute() gathers under DDP
+            metrics.reset()
+            value = reports[condition]["mean"]["ap"]
+            if not math.isnan(value):
+                self.log(
+                    f"test_robustness/{condition}/ap", value, rank_zero_only=True, add_dataloader_idx=False
+                )
+        if not self.trainer.is_global_zero or self._clean_report is None:
+            return
+        reports = {self.conditions[0]: self._clean_report, **reports}
+        columns, rows, markdown = robustness_table(reports)
+        log_table(self.trainer, "test/robustness", columns, rows, markdown=markdown)
+        write_json(Path(self.trainer.default_root_dir) / "test_robustness.json", reports)
+        log_figure(self.trainer, "test/robustness", robustness_figure(reports))
+        print(markdown + "\n")
+
+    def _report_feature_health(self) -> None:
+        """ITEM's input checks per split (empty or overlong captions, no objects, boxes outside the image) and
+        what extraction cost, from the datamodule: `frozen_stage.json` next to data_health.json, and the checks
+        in the W&B summary."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        health = getattr(datamodule, "feature_health", None)
+        if not health or not self.trainer.is_global_zero:
+            return
+        record = {"cache_dir": datamodule.cache_dir, "health": health, "extraction": datamodule.extraction}
+        write_json(Path(self.trainer.default_root_dir) / "frozen_stage.json", record)
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                for split, counts in health.items():
+                    for flag, count in counts.items():
+                        logger.experiment.summary[f"data/{split}/{flag}"] = count
+
+    # -- predict: path, caption, score, label --------------------------------------------------------------------
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any] | None:
+        if self._is_empty(batch):
+            return None
+        scores = self.scores(self(batch)).detach().float().cpu()
+        for path, caption, score, label in zip(
+            batch["path"], batch["caption"], scores.tolist(), batch["label"].tolist()
+        ):
+            self._predictions.append((path, caption, score, int(score >= self.threshold), label))
+        return {"path": batch["path"], "score": scores}
+
+    def on_predict_epoch_end(self) -> None:
+        rank = self.trainer.global_rank
+        name = "predictions.csv" if self.trainer.world_size == 1 else f"predictions.rank{rank}.csv"
+        path = Path(self.trainer.default_root_dir) / name
+        rows = [(f, c, f"{s:.6f}", p, t if t >= 0 else "") for f, c, s, p, t in self._predictions]
+        write_csv(path, ("path", "caption", "score", "predicted_label", "true_label"), rows)
+        if self.trainer.is_global_zero:
+            print(f"forgelab: wrote {len(self._predictions)} predictions to {path}")
