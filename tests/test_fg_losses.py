@@ -169,5 +169,5 @@ def test_task_gradient_norms_never_touch_network_gradients():
     assert norms[1].item() == pytest.approx(2 * math.sqrt(6), rel=1e-6)
     assert norms[2].item() == 0.0
     assert all(p.grad is None for p in net.parameters())
-    GradNorm([1.0, 1.0, 1.0]).step(torch.stack([l.detach() for l in losses]), norms)
+    GradNorm([1.0, 1.0, 1.0]).step(torch.stack([loss.detach() for loss in losses]), norms)
     assert all(p.grad is None for p in net.parameters())
