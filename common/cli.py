@@ -6,6 +6,7 @@
 
 Model and data are given in subclass mode (`class_path` + `init_args`), so one trainer config schema serves all
 projects and trainer presets (configs/trainer/*.yaml) stack with any project config by repeated `--config`.
+The trainer commands live in `common.trainer_cli`, imported only when one of them runs.
 """
 
 from __future__ import annotations
@@ -15,167 +16,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from common.errors import ConfigError, ForgelabError
-from common.io import write_json
-from common.runs import (
-    RUN_DIR_ENV,
-    DataHealthCallback,
-    RunConfigCallback,
-    RunSettings,
-    build_loggers,
-    resolve_run_dir,
-    start_run_record,
-)
+from common.env import RUN_DIR_ENV
+from common.errors import ForgelabError
 
 log = logging.getLogger("forgelab")
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-
-
-class ForgelabCLI(LightningCLI):
-    """LightningCLI with per-run directories, CSV + W&B loggers, checkpointing on the model's validation monitor,
-    a data-health report, and test-after-fit on the best validation checkpoint."""
-
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
-        self.run_dir: Path | None = None
-        self.settings = RunSettings()
-        super().__init__(
-            model_class=L.LightningModule,
-            datamodule_class=L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=RunConfigCallback,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=True,
-            parser_kwargs={"default_env": False},
-            args=list(args) if args is not None else None,
-            run=run,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(RunSettings, "run")
-
-    # -- run directory ---------------------------------------------------------------------------------------
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        self.settings = RunSettings(**_as_dict(config.get("run")))
-        if self.subcommand in ("validate", "test", "predict") and self.settings.job_type == "train":
-            self.settings.job_type = self.subcommand
-        model_class_path = (config.get("model") or {}).get("class_path") if config.get("model") else None
-        ckpt_path = config.get("ckpt_path") if self.subcommand else None
-        run_dir, resumed = resolve_run_dir(self.settings, model_class_path, ckpt_path)
-        self.run_dir = run_dir
-        os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # DDP children launched later inherit this run
-        self.run_record = start_run_record(
-            run_dir, self.settings, resumed, config.get("seed_everything"), sys.argv
-        )
-        if _global_rank() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "run.json", self.run_record)
-        log.info("run directory: %s (%s)", run_dir, "resumed" if resumed else "new")
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except (ValueError, TypeError, RuntimeError) as err:
-            # jsonargparse wraps errors raised in __init__ of subclass-mode classes: surface the original one
-            cause = _user_error_in_chain(err)
-            if cause is not None:
-                raise cause from None
-            if isinstance(err, RuntimeError):
-                raise
-            raise ConfigError(f"invalid config: {err}") from err
-
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        trainer_config = self._get(self.config_init, "trainer", default={}) or {}
-        callbacks = list(trainer_config.get("callbacks") or [])
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            monitor = getattr(self.model, "monitor", None)
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=str(self.run_dir / "checkpoints"),
-                    filename="best-epoch{epoch:03d}-step{step}" if monitor else "epoch{epoch:03d}-step{step}",
-                    monitor=monitor,
-                    mode=getattr(self.model, "monitor_mode", "min"),
-                    save_last=True,
-                    save_top_k=1,
-                    auto_insert_metric_name=False,
-                )
-            )
-        callbacks.append(DataHealthCallback())
-        kwargs["callbacks"] = callbacks
-        kwargs["default_root_dir"] = str(self.run_dir)
-        logger = trainer_config.get("logger")
-        if logger is None or logger is True:
-            kwargs["logger"] = build_loggers(self.settings, self.run_dir, self.run_record)
-        return super().instantiate_trainer(**kwargs)
-
-    # -- after fit: test the best validation checkpoint ------------------------------------------------------
-    def after_fit(self) -> None:
-        trainer = self.trainer
-        if trainer.interrupted:
-            return
-        has_test = getattr(self.datamodule, "has_split", lambda split: False)("test")
-        if self.settings.test_after_fit and has_test:
-            checkpoint = trainer.checkpoint_callback
-            best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
-            ckpt_path = best if best and not trainer.fast_dev_run else None
-            if ckpt_path:
-                log.info("testing the best validation checkpoint %s", ckpt_path)
-            trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
-        if trainer.is_global_zero:
-            print(f"forgelab: run files in {self.run_dir}", file=sys.stderr)
-
-
-def _user_error_in_chain(err: BaseException) -> BaseException | None:
-    """The first ForgelabError or plain ValueError raised by our code in an exception's cause/context chain."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [err]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, ForgelabError):
-            return current
-        if current is not err and type(current) is ValueError and _raised_by_us(current):
-            return ConfigError(str(current))
-        stack += [current.__cause__, current.__context__]
-    return None
-
-
-def _raised_by_us(err: BaseException) -> bool:
-    """Whether the innermost frame of `err` is forgelab code (common/ or projects/)."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    filename = tb.tb_frame.f_code.co_filename if tb is not None else ""
-    return f"{os.sep}common{os.sep}" in filename or f"{os.sep}projects{os.sep}" in filename
-
-
-def _as_dict(namespace: Any) -> dict[str, Any]:
-    if namespace is None:
-        return {}
-    if hasattr(namespace, "as_dict"):
-        return namespace.as_dict()
-    return dict(namespace)
-
-
-def _global_rank() -> int:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
 
 
 def extra_commands() -> dict[str, Any]:
@@ -218,7 +66,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             command: Callable[[list[str]], Any] = commands[args[0]].load()
             command(args[1:])
         else:
-            ForgelabCLI(args=args)
+            from common.trainer_cli import ForgelabCLI
+
+            if argv is None:  # from the console: let LightningCLI read sys.argv, minus what we removed
+                sys.argv[1:] = args
+            ForgelabCLI(args=None if argv is None else args)
     except ForgelabError as err:
         print(f"forgelab: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -230,10 +82,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def finish_wandb_run() -> None:
     """Close the process's W&B run: WandbLogger reuses an active `wandb.run`, which would merge the next run
-    started in this process into this one, and an offline run's file is complete only once finished."""
+    started in this process into this one, and an offline run's file is complete only once finished. `finish`
+    returns before W&B's service has written the last records; `teardown` waits for it (and lets the next run
+    in this process read the environment afresh, as `wandb agent` does between runs)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+        wandb.teardown()
 
 
 if __name__ == "__main__":

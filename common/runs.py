@@ -35,11 +35,11 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from common.configs import flatten_config
+from common.env import RUN_DIR_ENV
 from common.io import atomic_open, write_json, write_text
 
 log = logging.getLogger("forgelab")
-
-RUN_DIR_ENV = "FORGELAB_RUN_DIR"  # set by the launching process so DDP children share its run directory
 
 
 @dataclass
@@ -198,28 +198,6 @@ def build_loggers(settings: RunSettings, run_dir: Path, record: dict[str, Any]) 
     return loggers
 
 
-def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Flat, readable keys for dashboards: `model.lr`, `model.class` (init_args/class_path folded away)."""
-    flat: dict[str, Any] = {}
-    if isinstance(config, dict):
-        if "class_path" in config:
-            flat[f"{prefix}class" if prefix else "class"] = str(config["class_path"]).rsplit(".", 1)[-1]
-            flat.update(flatten_config(config.get("init_args") or {}, prefix))
-            return flat
-        for key, value in config.items():
-            if key in ("config", "__path__", "print_config"):
-                continue
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        return flat
-    if isinstance(config, list) and config and all(isinstance(v, dict) for v in config):
-        for i, value in enumerate(config):
-            flat.update(flatten_config(value, f"{prefix}{i}."))
-        return flat
-    key = prefix[:-1] if prefix.endswith(".") else prefix
-    flat[key] = config if isinstance(config, (int, float, str, bool, type(None))) else str(config)
-    return flat
-
-
 class RunConfigCallback(SaveConfigCallback):
     """Writes the resolved config into this run's directory (not the shared `trainer.log_dir`) and sends the same
     config, flattened, to W&B. Lightning's own callback writes one `config.yaml` shared by every run whose first
@@ -342,7 +320,10 @@ def start_run_record(
     record = read_run_record(run_dir) if resumed else {}
     record.setdefault("name", run_dir.name)
     record.setdefault("project", settings.project)
-    record.setdefault("wandb_id", secrets.token_hex(4))
+    # `wandb agent` assigns the run id (and W&B uses it over ours): record the id the run really has
+    record.setdefault("wandb_id", os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
+    if os.environ.get("WANDB_SWEEP_ID"):
+        record["wandb_sweep_id"] = os.environ["WANDB_SWEEP_ID"]
     record.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
     record["group"] = settings.group
     record["job_type"] = settings.job_type

@@ -26,6 +26,11 @@ class Stage:
     project: str  # runs/demo/<project>/<run name>/
     run_name: str
     results: tuple[str, ...]  # files in the run directory to print
+    requires: tuple[str, ...] = ()  # stages whose runs this one reads (run first when this one is chosen)
+    place: tuple[str, str] = (
+        "--run.root",
+        "--run.name",
+    )  # the command's options for its output root and name
 
 
 def forgelab() -> str:
@@ -36,7 +41,7 @@ def forgelab() -> str:
 STAGES: list[Stage] = [
     Stage(
         name="classifier",
-        title="Paper 003 Table 3 shape: real-vs-generated classifier (tiny ConvNeXt) on the toy world",
+        title="Paper 003 Table 3 shape: real-vs-generated classifier (tiny ResNet-50) on the toy world",
         command=[
             "fit",
             "--config",
@@ -48,6 +53,58 @@ STAGES: list[Stage] = [
         run_name="classifier",
         results=("test_per_generator.md",),
     ),
+    Stage(
+        name="inpaint_pconv",
+        title="Paper 003 Sec. 3: Liu et al. partial-convolution inpainter (tiny) trained on the toy world's real renders",
+        command=[
+            "fit",
+            "--config",
+            "configs/trainer/cpu.yaml",
+            "--config",
+            "configs/inpaint_probe/partial_conv_tiny.yaml",
+        ],
+        project="inpaint_probe",
+        run_name="partial_conv",
+        results=("test_by_hole_ratio.md",),
+    ),
+    Stage(
+        name="inpaint_deepfill",
+        title="Paper 003 Sec. 3: DeepFill v2 gated-convolution inpainter with SN-PatchGAN (tiny) on the same images",
+        command=[
+            "fit",
+            "--config",
+            "configs/trainer/cpu.yaml",
+            "--config",
+            "configs/inpaint_probe/deepfill_v2_tiny.yaml",
+        ],
+        project="inpaint_probe",
+        run_name="deepfill_v2",
+        results=("test_by_hole_ratio.md",),
+    ),
+    Stage(
+        name="probe",
+        title="Paper 003 Table 2 shape: both inpainters on real vs generated toy images, same masks, FID and NIQE",
+        command=[
+            "probe",
+            "--config",
+            "configs/inpaint_probe/probe_tiny.yaml",
+            f"--probe.checkpoints.partial_conv={RUNS}/inpaint_probe/partial_conv/checkpoints/last.ckpt",
+            f"--probe.checkpoints.gated_conv={RUNS}/inpaint_probe/deepfill_v2/checkpoints/last.ckpt",
+        ],
+        project="inpaint_probe",
+        run_name="probe",
+        results=("table2.md",),
+        requires=("inpaint_pconv", "inpaint_deepfill"),
+    ),
+    Stage(
+        name="sweep",
+        title="A W&B sweep file with no server: 3 bayes trials of the tiny classifier (lr, weight decay, backbone)",
+        command=["sweep", "configs/sweeps/classifier_tiny.yaml", "--count", "3"],
+        project="sweeps",  # runs/demo/sweeps/<name>/trial-NNN/, compared in compare/
+        run_name="classifier_tiny",
+        results=("compare/compare.md",),
+        place=("--root", "--name"),
+    ),
 ]
 
 
@@ -56,7 +113,8 @@ def run_stage(stage: Stage) -> float:
     run_dir = RUNS / stage.project / stage.run_name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo's runs are re-made each time; real runs never overwrite
-    command = [forgelab(), *stage.command, f"--run.root={RUNS}", f"--run.name={stage.run_name}"]
+    root_option, name_option = stage.place
+    command = [forgelab(), *stage.command, f"{root_option}={RUNS}", f"{name_option}={stage.run_name}"]
     print("$ " + " ".join(command[:1] + [c if " " not in c else repr(c) for c in command[1:]]), flush=True)
     start = time.perf_counter()
     completed = subprocess.run(
@@ -86,13 +144,16 @@ def main() -> None:
     start = time.perf_counter()
     ensure_toy_world("data/toy_world")
     timings = {"toy world": time.perf_counter() - start}
+    for stage in STAGES:  # a chosen stage brings the stages it reads from
+        if stage.name in wanted:
+            wanted |= set(stage.requires)
     for stage in STAGES:
         if not wanted or stage.name in wanted:
             timings[stage.name] = run_stage(stage)
     print("\n=== demo summary ===")
     for name, seconds in timings.items():
-        print(f"  {name:<12} {seconds:6.0f} s")
-    print(f"  {'total':<12} {time.perf_counter() - total:6.0f} s")
+        print(f"  {name:<16} {seconds:6.0f} s")
+    print(f"  {'total':<16} {time.perf_counter() - total:6.0f} s")
     print(f"W&B runs were written offline under {RUNS}/*/*/wandb: `wandb sync <dir>` uploads one.")
 
 

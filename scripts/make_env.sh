@@ -36,9 +36,14 @@ if [ ! -f .venv/.forgelab-deps ] || [ "$(cat .venv/.forgelab-deps)" != "$deps" ]
     if head -n1 "$script" | grep -q "^#!.*python"; then
       { echo "#!$PWD/.venv/bin/python"; tail -n +2 "$script"; } > ".venv/bin/$name"
       chmod +x ".venv/bin/$name"
+    elif [ -x "$script" ] && [ ! -e ".venv/bin/$name" ]; then
+      ln -s "$script" ".venv/bin/$name"  # compiled tools (ruff)
     fi
   done
   echo "$deps" > .venv/.forgelab-deps
 fi
+# a forgelab.egg-info left in the clone by an old setuptools would shadow the install's entry points (cwd is on
+# sys.path), hiding commands such as `forgelab sweep`
+rm -rf forgelab.egg-info
 .venv/bin/python -m pip install --quiet --no-input --no-deps --no-build-isolation -e . >/dev/null
 echo "make_env: .venv ready ($(.venv/bin/python -c 'import torch, lightning; print("torch", torch.__version__, "lightning", lightning.__version__)'))"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,13 +18,24 @@ TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 
 
 def is_overlay(path: Path) -> bool:
-    """Trainer presets, data overlays and sweep files stack on an experiment config; they are not one."""
+    """Trainer presets, data overlays, sweep files and table specs go with experiment configs; they are not one."""
     relative = path.relative_to(CONFIGS).parts
-    return relative[0] in ("trainer", "sweeps") or "data" in relative[:-1]
+    return relative[0] in ("trainer", "sweeps") or "data" in relative[:-1] or "tables" in relative[:-1]
+
+
+def command_of(path: Path) -> str | None:
+    """The `forgelab <command>` a YAML is for when it is not a LightningCLI config (top-level `command:` key)."""
+    return (yaml.safe_load(path.read_text()) or {}).get("command")
 
 
 def experiment_configs() -> list[Path]:
-    return sorted(p for p in CONFIGS.rglob("*.yaml") if not is_overlay(p))
+    """LightningCLI experiment configs (`forgelab fit|validate|test|predict --config ...`)."""
+    return sorted(p for p in CONFIGS.rglob("*.yaml") if not is_overlay(p) and command_of(p) is None)
+
+
+def command_configs() -> list[Path]:
+    """Configs of project commands (`forgelab <command> --config ...`), e.g. the inpainting probe."""
+    return sorted(p for p in CONFIGS.rglob("*.yaml") if not is_overlay(p) and command_of(p) is not None)
 
 
 def _realfake_overrides(toy: Path) -> list[str]:
@@ -49,12 +61,27 @@ def _captioned_overrides(toy: Path) -> list[str]:
     ]
 
 
+def _inpainting_overrides(toy: Path) -> list[str]:
+    parts = toy / "parts"
+    return [
+        "--data.init_args.toy_world=null",
+        f"--data.init_args.train_root={parts / 'train'}",
+        f"--data.init_args.val_root={parts / 'val'}",
+        f"--data.init_args.test_root={parts / 'test'}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.eval_batch_size=4",
+        "--data.init_args.num_workers=0",
+    ]
+
+
 # datamodule class_path -> CLI overrides pointing it at the small toy world with cheap settings
 DATA_OVERRIDES: dict[str, Callable[[Path], list[str]]] = {
     "common.data.RealFakeFolder": _realfake_overrides,
     "common.data.CaptionedParts": _captioned_overrides,
     "common.data.captioned.CaptionedParts": _captioned_overrides,
     "projects.fg_guidance.data.FineGrainedPairs": _captioned_overrides,
+    "projects.inpaint_probe.data.InpaintingImages": _inpainting_overrides,
 }
 
 # model class_path -> CLI overrides that keep a tiny preset cheap beyond `preset=tiny` (sizes, steps, and no
@@ -66,6 +93,40 @@ MODEL_OVERRIDES: dict[str, list[str]] = {
         "--model.init_args.num_inference_steps=3",
         "--model.init_args.grad_steps=1",
     ],
+}
+
+
+def _probe_overrides(config: Path, toy: Path, checkpoints: dict[str, Path]) -> list[str]:
+    """The probe on the small toy world: its sets moved there, 2 images of 32 px, substitute FID features,
+    tiny diffusion (1 step), no plots (tests/test_inpaint_probe.py checks them), and the tiny inpainter
+    checkpoints (by kind) trained by the test session."""
+    probe = yaml.safe_load(config.read_text())["probe"]
+    sets = [
+        {**s, "roots": [r.replace("data/toy_world", str(toy), 1) for r in s["roots"]]} for s in probe["sets"]
+    ]
+    inpainters = []
+    for spec in probe["inpainters"]:
+        if spec["kind"] == "diffusion":
+            spec = {**spec, "preset": "tiny", "model_id": None, "steps": 1, "guidance_scale": 1.0}
+        else:
+            spec = {**spec, "checkpoint": str(checkpoints[spec["kind"]])}
+        inpainters.append(spec)
+    return [
+        f"--probe.sets={json.dumps(sets)}",
+        f"--probe.inpainters={json.dumps(inpainters)}",
+        "--probe.toy_world=null",
+        "--probe.n_images=2",
+        "--probe.image_size=32",
+        "--probe.batch_size=2",
+        "--probe.fid.features=substitute",
+        "--probe.plots=false",
+        "--probe.save_results=false",
+    ]
+
+
+# command -> CLI overrides for a config of that command (config, small toy world, tiny inpainter checkpoints)
+COMMAND_OVERRIDES: dict[str, Callable[[Path, Path, dict[str, Path]], list[str]]] = {
+    "probe": _probe_overrides,
 }
 
 

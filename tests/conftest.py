@@ -68,3 +68,24 @@ def small_toy_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from common.data.toy_world import generate_toy_world
 
     return generate_toy_world(tmp_path_factory.mktemp("toy") / "toy_world", small_toy_spec())
+
+
+@pytest.fixture(scope="session")
+def tiny_inpainter_checkpoints(
+    small_toy_world: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """kind -> last.ckpt of each tiny inpainter config, trained for 2 steps through the real CLI (once)."""
+    from tests.cli_helpers import CONFIGS, run_cli, tiny_overrides
+
+    root = tmp_path_factory.mktemp("inpainters")
+    checkpoints = {}
+    for kind, name in (("partial_conv", "partial_conv_tiny"), ("gated_conv", "deepfill_v2_tiny")):
+        config = CONFIGS / "inpaint_probe" / f"{name}.yaml"
+        args = ["fit", "--config", str(CONFIGS / "trainer" / "cpu.yaml"), "--config", str(config)]
+        args += tiny_overrides(config, small_toy_world)
+        args += ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--run.test_after_fit=false"]
+        args += ["--run.wandb=false", f"--run.root={root}", f"--run.name={kind}"]
+        code, _out, err = run_cli(args)
+        assert code == 0, err
+        checkpoints[kind] = root / "inpaint_probe" / kind / "checkpoints" / "last.ckpt"
+    return checkpoints

@@ -11,7 +11,16 @@ import pytest
 import torch
 import yaml
 
-from tests.cli_helpers import CONFIGS, TRAINER_PRESETS, experiment_configs, run_cli, tiny_overrides
+from tests.cli_helpers import (
+    COMMAND_OVERRIDES,
+    CONFIGS,
+    TRAINER_PRESETS,
+    command_configs,
+    command_of,
+    experiment_configs,
+    run_cli,
+    tiny_overrides,
+)
 
 TINY = CONFIGS / "inpaint_probe" / "tiny.yaml"
 CPU = CONFIGS / "trainer" / "cpu.yaml"
@@ -60,16 +69,66 @@ def test_every_trainer_preset_stacks_with_a_project_config(preset):
     assert yaml.safe_load(out)["trainer"]["accelerator"] in ("auto", "cpu", "gpu")
 
 
+def _overlay_base(overlay: Path) -> Path:
+    """The project's first non-tiny config the overlay is written for: same command, and for data overlays the
+    overlay's datamodule class (when it names one) with every key the overlay sets."""
+    command = command_of(overlay)
+    candidates = command_configs() if command else experiment_configs()
+    data = yaml.safe_load(overlay.read_text()).get("data") or {}
+    keys = set(data.get("init_args") or {})
+    for path in candidates:
+        if path.parent != overlay.parent.parent or "tiny" in path.stem or command_of(path) != command:
+            continue
+        if command:
+            return path
+        base = yaml.safe_load(path.read_text())["data"]
+        if data.get("class_path", base["class_path"]) == base["class_path"] and keys <= set(
+            base["init_args"]
+        ):
+            return path
+    raise AssertionError(f"no config in {overlay.parent.parent} for overlay {overlay}")
+
+
 def test_every_data_overlay_stacks(tmp_path):
     for overlay in sorted(CONFIGS.rglob("data/*.yaml")):
-        base = next(p for p in experiment_configs() if p.parent == overlay.parent.parent and p.stem != "tiny")
-        code, out, err = run_cli(["fit", "--config", str(base), "--config", str(overlay), "--print_config"])
+        base = _overlay_base(overlay)
+        command = command_of(overlay) or "fit"
+        code, out, err = run_cli([command, "--config", str(base), "--config", str(overlay), "--print_config"])
         assert code == 0, (overlay, err)
-        expected = yaml.safe_load(overlay.read_text())["data"]["init_args"]
-        printed = yaml.safe_load(out)["data"]
-        assert printed["class_path"], overlay
-        for key, value in expected.items():
-            assert printed["init_args"][key] == value, (overlay, key)
+        data = yaml.safe_load(overlay.read_text())
+        printed = yaml.safe_load(out)
+        section = "probe" if command == "probe" else "data"
+        expected = data[section] if command == "probe" else data["data"]["init_args"]
+        printed = printed[section] if command == "probe" else printed["data"]["init_args"]
+        assert _contains(printed, expected), overlay
+
+
+def _contains(printed, expected) -> bool:
+    """Whether every value the overlay sets appears in the printed config (which adds the defaults)."""
+    if isinstance(expected, dict):
+        return isinstance(printed, dict) and all(_contains(printed.get(k), v) for k, v in expected.items())
+    if isinstance(expected, list):
+        return (
+            isinstance(printed, list)
+            and len(printed) == len(expected)
+            and all(map(_contains, printed, expected))
+        )
+    return printed == expected
+
+
+@pytest.mark.parametrize("config", command_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_command_config_prints_and_runs_on_tiny_presets(
+    config, small_toy_world, tiny_inpainter_checkpoints, tmp_path
+):
+    command = command_of(config)
+    code, out, err = run_cli([command, "--config", str(config), "--print_config"])
+    assert code == 0, err
+    assert yaml.safe_load(out)["command"] == command
+    overrides = COMMAND_OVERRIDES[command](config, small_toy_world, tiny_inpainter_checkpoints)
+    code, _out, err = run_cli([command, "--config", str(config), *overrides, f"--run.root={tmp_path}"])
+    assert code == 0, err
+    (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    assert (run / "run.json").is_file() and (run / "report.json").is_file()
 
 
 @pytest.mark.parametrize("config", experiment_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))

@@ -87,6 +87,20 @@ def _load_from_hub(
     return model.eval(), processor
 
 
+def _tiny_clip_text_config(tokenizer: Any, max_positions: int) -> dict[str, Any]:
+    """A tiny CLIP text tower for the local CLIP tokenizer. CLIP pools text at the EOS token and OWLv2 at
+    argmax(input_ids) (the local vocabulary puts EOS at the highest id, like OpenAI's), so the special-token ids
+    must be the tokenizer's."""
+    return {
+        **_TINY_TEXT,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": max_positions,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def create_clip(
     model_id: str = "openai/clip-vit-large-patch14",
     *,
@@ -103,15 +117,7 @@ def create_clip(
 
     tokenizer = local_clip_tokenizer(model_max_length=77)
     config = CLIPConfig(
-        text_config={
-            **_TINY_TEXT,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 77,
-            # CLIP pools the text at the EOS token, so the ids must be the local tokenizer's.
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
+        text_config=_tiny_clip_text_config(tokenizer, max_positions=77),
         vision_config=_TINY_VIT,
         projection_dim=32,
     )
@@ -324,15 +330,7 @@ def create_owlv2(
 
     tokenizer = local_clip_tokenizer(model_max_length=16, pad_token="!")
     config = Owlv2Config(
-        text_config={
-            **_TINY_TEXT,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 16,
-            # OWLv2 pools text at argmax(input_ids): the local vocabulary puts EOS at the highest id, like OpenAI's.
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
+        text_config=_tiny_clip_text_config(tokenizer, max_positions=16),
         vision_config=_TINY_VIT,
         projection_dim=32,
     )

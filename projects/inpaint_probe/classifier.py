@@ -12,12 +12,15 @@ sigmoid, P(generated).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from common.backbones import create_timm_classifier, timm_data_config
+from common.metrics import RealFakeMetrics
+from common.reporting import image_grid, log_pil
 from common.tasks import RealFakeTask
 
 
@@ -39,6 +42,8 @@ class RealFakeClassifier(RealFakeTask):
         checkpoint_path: optional local weights (.safetensors or a torch state dict) for the backbone.
         lr: Adam learning rate. weight_decay: Adam's L2 term (0 in the paper).
         freeze_backbone: train the dense layer only (the paper fine-tunes everything; kept for linear probes).
+        false_real_images: per generator, how many generated test images predicted real to show in
+            `plots/test_false_real_<generator>.png` (Sec. 6, Figs. 7-8); 0 turns the grids off.
     """
 
     monitor = "val/loss"
@@ -55,8 +60,13 @@ class RealFakeClassifier(RealFakeTask):
         freeze_backbone: bool = False,
         drop_rate: float = 0.0,
         threshold: float = 0.5,
+        false_real_images: int = 16,
     ) -> None:
         super().__init__(threshold=threshold)
+        if false_real_images < 0:
+            raise ValueError(f"false_real_images must be >= 0, got {false_real_images}")
+        self.false_real_images = false_real_images
+        self._false_real: dict[str, list[tuple[torch.Tensor, str]]] = {}
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if weight_decay < 0:
@@ -93,3 +103,42 @@ class RealFakeClassifier(RealFakeTask):
             betas=tuple(self.hparams.betas),
             weight_decay=self.hparams.weight_decay,
         )
+
+    # -- Sec. 6, Figs. 7-8: generated images the classifier calls real, per generator ---------------------------
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._false_real = {}
+
+    def _eval_step(self, batch: dict[str, Any], metrics: RealFakeMetrics, stage: str) -> torch.Tensor | None:
+        scores = super()._eval_step(batch, metrics, stage)
+        if stage == "test" and scores is not None and self.false_real_images:
+            self._collect_false_real(batch, scores.detach())
+        return scores
+
+    def _collect_false_real(self, batch: dict[str, Any], scores: torch.Tensor) -> None:
+        names = self._generator_names()
+        missed = (batch["label"] == 1) & (scores < self.threshold)
+        for i in torch.nonzero(missed).flatten().tolist():
+            g = int(batch["generator_id"][i])
+            generator = names[g] if 0 <= g < len(names) else f"generator_{g}"
+            shown = self._false_real.setdefault(generator, [])
+            if len(shown) < self.false_real_images:
+                caption = f"pred real, true gen\np={float(scores[i]):.2f} {Path(batch['path'][i]).name[:14]}"
+                shown.append((batch["image"][i].detach().cpu(), caption))
+
+    def report_test(
+        self,
+        report: dict[str, dict[str, float]],
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor,
+    ) -> None:
+        super().report_test(report, scores, labels, groups)
+        for generator, shown in sorted(self._false_real.items()):
+            images, captions = zip(*shown, strict=True)
+            log_pil(
+                self.trainer,
+                f"test/false_real_{generator}",
+                image_grid(images, captions, columns=8),
+                f"{generator}: generated images predicted real (paper 003 Figs. 7-8)",
+            )

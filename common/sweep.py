@@ -1,0 +1,742 @@
+"""`forgelab sweep <file> --count N`: run a W&B sweep file with no W&B server.
+
+The same file serves both ways of sweeping:
+    wandb sweep configs/sweeps/x.yaml && wandb agent <sweep id>      # W&B's server picks the trials
+    forgelab sweep configs/sweeps/x.yaml --count 8                   # this module picks them, locally
+
+Here the trials are chosen by W&B's own search engine (the `sweeps` package: grid, random, bayes; hyperband
+early termination when the file has `early_terminate`), and each trial runs the file's `command:` exactly as
+`wandb agent` would build it (`${args}` -> `--model.init_args.lr=0.001`, same formatting), in its own process
+and its own run directory:
+
+    runs/sweeps/<name>/
+        sweep.json         the sweep's state: definition, seed, every trial (parameters, state, metric, exit code)
+        sweep.yaml         the sweep file as it was when the sweep started
+        trial-000/         a complete run directory (config.yaml, metrics.csv, checkpoints/, wandb/ ...)
+                           plus output.log, the trial's console output
+        compare/           the comparison table and plots, rewritten when the sweep ends
+
+Every trial of a sweep is in one W&B group (the sweep's name; offline runs sync later with `wandb sync`).
+The state is written atomically after every change, so a sweep killed at any point resumes where it stopped
+when the same command is run again: an interrupted trial continues from its last checkpoint (or starts over
+when it had none), then new trials follow. A failed trial is recorded as failed and the sweep goes on, as with
+`wandb agent`; only when the first trials all fail does the sweep stop (the command itself is broken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import datetime as _dt
+import fcntl
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from common.compare import (
+    SWEEP_STATE,
+    compare_runs,
+    display_key,
+    load_sweep_dir,
+    metric_goal,
+    read_metrics_csv,
+)
+from common.env import RUN_DIR_ENV
+from common.errors import ConfigError, ForgelabError
+from common.io import write_json, write_text
+
+with warnings.catch_warnings():  # sweeps 0.3 declares a pydantic v1 config key; harmless
+    warnings.simplefilter("ignore")
+    import sweeps
+
+POLL_SECONDS = 1.0  # how often a running trial's metrics are read (for hyperband) and its process checked
+KILL_DELAY = 30.0  # seconds a trial gets to stop after SIGTERM/SIGINT before it is killed (wandb agent: 30)
+MAX_INITIAL_FAILURES = 3  # the first trials all failing means the command is broken (wandb agent stops too)
+TRIAL_JOB_TYPE = "sweep-trial"
+
+# `wandb agent`'s default command; a file without `command:` runs `program` with the interpreter
+DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
+
+# trial states; the `sweeps` search sees stopped trials as finished ones (with their metric so far)
+RUN_STATE = {
+    "pending": "pending",
+    "running": "running",
+    "preempted": "preempted",
+    "finished": "finished",
+    "stopped": "finished",
+    "failed": "failed",
+}
+
+
+# -- the sweep file ---------------------------------------------------------------------------------------------
+def load_sweep_file(path: str | Path) -> dict[str, Any]:
+    """Read and validate a sweep file against W&B's own schema (the one `wandb sweep` checks), plus the rules
+    forgelab's CLI needs: `${args}` (with hyphens) after the subcommand and the config files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        definition = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"sweep file {path} is not valid YAML: {err}") from None
+    if not isinstance(definition, dict):
+        raise ConfigError(f"sweep file {path} must be a mapping (method, metric, parameters, command)")
+    problems = validate_sweep_definition(definition)
+    if problems:
+        raise ConfigError(f"sweep file {path}: " + "; ".join(problems))
+    return definition
+
+
+def validate_sweep_definition(definition: dict[str, Any]) -> list[str]:
+    """Schema violations (W&B's `sweeps` package) and forgelab-specific problems; empty when the file is fine."""
+    try:
+        problems = list(sweeps.schema_violations_from_proposed_config(definition))
+    except ValueError as err:
+        return [str(err)]
+    if not problems:
+        try:
+            sweeps.SweepConfig(
+                definition
+            )  # also fills defaults; raises on what the schema alone lets through
+        except Exception as err:  # jsonschema.ValidationError and the package's own ValueErrors
+            problems.append(str(getattr(err, "message", err)))
+    problems += _numbers_read_as_text(definition.get("parameters") or {})
+    command = [str(c) for c in definition.get("command") or []]
+    if "${args_no_hyphens}" in command:
+        problems.append("`${args_no_hyphens}` gives `key=value`, which jsonargparse rejects: use `${args}`")
+    if command and not any(c in ("${args}", "${args_json}", "${args_json_file}") for c in command):
+        problems.append("`command:` has no `${args}`: the swept values would never reach the trial")
+    if not command and not definition.get("program"):
+        problems.append("give `command:` (e.g. [forgelab, fit, --config, <file>, ${args}]) or `program:`")
+    return problems
+
+
+def _numbers_read_as_text(parameters: dict[str, Any], prefix: str = "") -> list[str]:
+    """`min: 1e-5` is the string "1e-5" to YAML 1.1 (PyYAML, and so wandb): say so instead of a schema riddle."""
+    problems = []
+    for name, spec in parameters.items():
+        if not isinstance(spec, dict):
+            continue
+        if isinstance(spec.get("parameters"), dict):
+            problems += _numbers_read_as_text(spec["parameters"], f"{prefix}{name}.")
+        for key in ("min", "max", "mu", "sigma", "q"):
+            value = spec.get(key)
+            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+                mantissa, exponent = re.split("[eE]", value)
+                fixed = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}"
+                problems.append(f"{prefix}{name}.{key} is the text '{value}' to YAML: write {fixed}")
+    return problems
+
+
+def sweep_name(definition: dict[str, Any], path: str | Path) -> str:
+    name = str(definition.get("name") or Path(path).stem)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "sweep"
+
+
+def forgelab_executable() -> list[str]:
+    """The `forgelab` of this environment (the console script next to this Python, else `python -m`)."""
+    script = shutil.which("forgelab", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "common.cli"]
+
+
+def _args_macros(params: dict[str, Any]) -> dict[str, list[str]]:
+    """`${args}`, `${args_json}` ... for these values, formatted by wandb agent's own function."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    return create_sweep_command_args({"args": {key: {"value": value} for key, value in params.items()}})
+
+
+def trial_command(
+    definition: dict[str, Any], params: dict[str, Any], args_json_file: Path | None = None
+) -> list[str]:
+    """The command `wandb agent` would run for these parameter values (same macros, same `--key=value`), with
+    `forgelab` resolved to this environment's and `${interpreter}` to this Python."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command
+
+    template = create_sweep_command(copy.deepcopy(definition.get("command")) or list(DEFAULT_COMMAND))
+    macros: dict[str, list[str]] = _args_macros(params)
+    macros["env"] = ["/usr/bin/env"] if os.name != "nt" else []
+    macros["interpreter"] = [sys.executable]
+    macros["program"] = [str(definition["program"])] if definition.get("program") else []
+    if args_json_file is not None:
+        macros["args_json_file"] = [str(args_json_file)]
+    command: list[str] = []
+    for token in map(str, template):
+        if token.startswith("${") and token.endswith("}"):
+            command += macros.get(token[2:-1]) or []
+        else:
+            command.append(token)
+    if command and command[0] == "forgelab":
+        command = forgelab_executable() + command[1:]
+    elif len(command) > 1 and Path(command[0]).name == "env" and command[1] == "forgelab":
+        command = forgelab_executable() + command[2:]
+    return command
+
+
+def is_forgelab_trainer_command(command: list[str]) -> bool:
+    """Whether the command is `forgelab fit|validate|test ...` (it then takes forgelab's run options)."""
+    for i, token in enumerate(command):
+        if Path(token).name == "forgelab" or (token == "common.cli" and i > 0 and command[i - 1] == "-m"):
+            return i + 1 < len(command) and command[i + 1] in ("fit", "validate", "test")
+    return False
+
+
+def missing_config_files(command: list[str]) -> list[str]:
+    """`--config <file>` arguments naming files that do not exist (relative to the current directory)."""
+    missing = []
+    for i, token in enumerate(command):
+        value = None
+        if token == "--config" and i + 1 < len(command):
+            value = command[i + 1]
+        elif token.startswith("--config="):
+            value = token.split("=", 1)[1]
+        if value and not Path(value).is_file():
+            missing.append(value)
+    return missing
+
+
+# -- state ------------------------------------------------------------------------------------------------------
+@dataclass
+class Trial:
+    """One trial of the sweep, as recorded in sweep.json."""
+
+    index: int
+    params: dict[str, Any]
+    state: str = "pending"  # pending | running | finished | stopped | failed | preempted
+    metric: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    pid: int | None = None
+    attempts: int = 0
+    started: str | None = None
+    ended: str | None = None
+    seconds: float = 0.0
+    search_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"trial-{self.index:03d}"
+
+
+def _now() -> str:
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (bayes suggestions) -> Python values, so they format and serialise as wandb agent's do."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent() -> None:
+    """In the trial process (Linux): get SIGTERM when the sweep process dies, so no trial outlives its sweep."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C or SIGTERM reached the sweep process."""
+
+
+class LocalSweep:
+    """A sweep's directory, its state, and the loop that runs its trials one at a time."""
+
+    def __init__(self, definition: dict[str, Any], directory: Path, sweep_file: str | Path, seed: int = 0):
+        self.definition = definition
+        self.directory = directory
+        self.sweep_file = str(sweep_file)
+        self.seed = seed
+        self.name = directory.name
+        self.trials: list[Trial] = []
+        self.created = _now()
+        self.invocations: list[dict[str, Any]] = []
+        self._histories: dict[str, list[dict[str, float]]] = {}
+        self.metric = (definition.get("metric") or {}).get("name")
+        self.goal = (definition.get("metric") or {}).get("goal") or (
+            metric_goal(self.metric) if self.metric else "minimize"
+        )
+
+    # -- state on disk ---------------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.directory / SWEEP_STATE
+
+    def load(self) -> None:
+        """Continue an existing sweep: same definition required (a changed file is a new sweep)."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ForgelabError(
+                f"{self.state_path} is not valid JSON ({err}); it is only ever replaced whole"
+            ) from None
+        if state.get("definition") != json.loads(json.dumps(self.definition, default=str)):
+            raise ConfigError(
+                f"{self.directory} holds a sweep started from a different definition of {state.get('sweep_file')}; "
+                "give this one another --name (or delete the old sweep directory)"
+            )
+        self.seed = int(state.get("seed", self.seed))
+        self.created = state.get("created", self.created)
+        self.invocations = list(state.get("invocations", []))
+        self.trials = [Trial(**trial) for trial in state.get("trials", [])]
+
+    def save(self) -> None:
+        write_json(
+            self.state_path,
+            {
+                "name": self.name,
+                "sweep_file": self.sweep_file,
+                "method": self.definition.get("method"),
+                "metric": {"name": self.metric, "goal": self.goal} if self.metric else None,
+                "parameters": list((self.definition.get("parameters") or {}).keys()),
+                "seed": self.seed,
+                "created": self.created,
+                "invocations": self.invocations,
+                "definition": self.definition,
+                "trials": [asdict(trial) for trial in self.trials],
+            },
+        )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One sweep process per sweep directory (the lock goes away with the process, however it ends)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        handle = open(self.directory / ".lock", "a+")  # noqa: SIM115 -- held for the whole sweep
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ForgelabError(
+                f"sweep {self.directory} is being run by another process; wait for it or stop it"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+    # -- the search ------------------------------------------------------------------------------------------
+    def metric_history(self, trial: Trial) -> list[dict[str, float]]:
+        """The sweep metric's values logged by a trial so far (its metrics.csv), as `sweeps` wants them."""
+        if not self.metric:
+            return []
+        if trial.name in self._histories:
+            return self._histories[trial.name]
+        rows = read_metrics_csv(self.directory / trial.name / "metrics.csv")
+        history = [{self.metric: row[self.metric]} for row in rows if self.metric in row]
+        if trial.state in ("finished", "stopped", "failed"):  # ended trials' files no longer change
+            self._histories[trial.name] = history
+        return history
+
+    def sweep_runs(self) -> list[Any]:
+        """The trials as `sweeps.SweepRun`s (what W&B's server would hand its search engine)."""
+        runs = []
+        for trial in self.trials:
+            history = self.metric_history(trial)
+            runs.append(
+                sweeps.SweepRun(
+                    name=trial.name,
+                    state=RUN_STATE[trial.state],
+                    config={key: {"value": value} for key, value in trial.params.items()},
+                    history=history,
+                    summary_metrics=dict(history[-1]) if history else {},
+                    stopped=trial.state == "stopped",
+                )
+            )
+        return runs
+
+    def suggest(self, index: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """W&B's search engine's next point, or None when a grid is exhausted. Seeded per trial, so a sweep
+        restarted from scratch with the same seed proposes the same trials."""
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(self.seed * 100_003 + index)
+        np.random.seed((self.seed * 100_003 + index) % 2**32)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run = sweeps.next_run(self.definition, self.sweep_runs())
+        except ValueError as err:
+            raise ConfigError(f"the sweep's search failed: {err}") from None
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        if run is None:
+            return None
+        params = {key: _plain(value["value"]) for key, value in run.config.items()}
+        info = _plain(run.search_info or {})
+        info = {k: v for k, v in info.items() if isinstance(v, (int, float, str)) and k != "warnings"}
+        return params, info
+
+    def should_stop_early(self, trial: Trial) -> bool:
+        """Hyperband (the `sweeps` package's) on the running trial's metric history so far."""
+        if "early_terminate" not in self.definition or not self.metric:
+            return False
+        runs = self.sweep_runs()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            to_stop = sweeps.stop_runs(self.definition, runs)
+        return any(run.name == trial.name for run in to_stop)
+
+    # -- running trials --------------------------------------------------------------------------------------
+    def trial_limit(self, count: int | None) -> int | None:
+        cap = self.definition.get("run_cap")
+        limits = [n for n in (count, cap) if n]
+        if limits:
+            return min(limits)
+        if self.definition.get("method") == "grid":
+            return None  # until the grid is exhausted
+        raise ConfigError(
+            "random and bayes sweeps never end by themselves: give --count N (or run_cap in the file)"
+        )
+
+    def run(self, count: int | None) -> None:
+        limit = self.trial_limit(count)
+        self.invocations.append({"at": _now(), "count": count, "argv": sys.argv})
+        self.save()
+        self._print_header(limit)
+        while True:
+            trial = next((t for t in self.trials if t.state in ("pending", "preempted", "running")), None)
+            if trial is None:
+                if limit is not None and len(self.trials) >= limit:
+                    break
+                suggestion = self.suggest(len(self.trials))
+                if suggestion is None:
+                    print(
+                        f"sweep {self.name}: the grid is exhausted after {len(self.trials)} trials",
+                        flush=True,
+                    )
+                    break
+                trial = Trial(index=len(self.trials), params=suggestion[0], search_info=suggestion[1])
+                self.trials.append(trial)
+                self.save()  # suggested before started: a crash now does not lose or repeat the suggestion
+            self.run_trial(trial, limit)
+            self._check_initial_failures()
+
+    def _print_header(self, limit: int | None) -> None:
+        done = sum(t.state in ("finished", "stopped", "failed") for t in self.trials)
+        metric = f"{self.metric} ({self.goal})" if self.metric else "no metric"
+        total = f"{limit} trials" if limit else "until the grid is exhausted"
+        resumed = f", resuming after {done} done" if self.trials else ""
+        print(
+            f"sweep {self.name}: {self.definition.get('method')} search on {metric}, {total}{resumed}; "
+            f"state in {self.state_path}",
+            flush=True,
+        )
+
+    def _check_initial_failures(self) -> None:
+        ended = [t for t in self.trials if t.state in ("finished", "stopped", "failed")]
+        if len(ended) >= MAX_INITIAL_FAILURES and all(t.state == "failed" for t in ended):
+            last = ended[-1]
+            raise ForgelabError(
+                f"the first {len(ended)} trials of sweep {self.name} all failed (last: {last.error or 'see log'}); "
+                f"see {self.directory / last.name / 'output.log'}"
+            )
+
+    def _prepare_trial_dir(self, trial: Trial) -> list[str]:
+        """Extra arguments for (re)starting this trial: resume from its last checkpoint when it has one,
+        otherwise clear what an interrupted attempt left (keeping its log)."""
+        trial_dir = self.directory / trial.name
+        command_is_forgelab = is_forgelab_trainer_command(self.command_for(trial))
+        last = trial_dir / "checkpoints" / "last.ckpt"
+        if trial.attempts and command_is_forgelab and last.is_file():
+            return [f"--ckpt_path={last.resolve()}"]
+        if trial.attempts and trial_dir.is_dir():
+            for entry in trial_dir.iterdir():
+                if entry.name != "output.log":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return []
+
+    def command_for(self, trial: Trial) -> list[str]:
+        trial_dir = self.directory / trial.name
+        command = trial_command(self.definition, trial.params, args_json_file=trial_dir / "args.json")
+        if is_forgelab_trainer_command(command):
+            command += [f"--run.group={self.name}", f"--run.job_type={TRIAL_JOB_TYPE}"]
+        return command
+
+    def run_trial(self, trial: Trial, limit: int | None) -> None:
+        trial_dir = self.directory / trial.name
+        if trial.state == "running" and _pid_alive(trial.pid):
+            self._wait_for_orphan(trial)
+        resume_args = self._prepare_trial_dir(trial)
+        command = self.command_for(trial) + resume_args
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        write_json(trial_dir / "args.json", trial.params)
+        env = dict(os.environ)
+        env[RUN_DIR_ENV] = str(trial_dir.resolve())
+        position = f"[{trial.index + 1}/{limit}]" if limit else f"[{trial.index + 1}]"
+        values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in trial.params.items())
+        again = (
+            " (resuming from its last checkpoint)" if resume_args else " (again)" if trial.attempts else ""
+        )
+        print(f"{position} {trial.name}{again}: {values}", flush=True)
+        log_path = trial_dir / "output.log"
+        trial.attempts += 1
+        trial.started = trial.started or _now()
+        start = time.monotonic()
+        with open(log_path, "ab") as log:
+            log.write(f"\n$ {' '.join(command)}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # the trial's process group: its workers and DDP ranks end with it
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+            trial.state, trial.pid = "running", process.pid
+            self.save()
+            try:
+                exit_code, stopped = self._wait(trial, process)
+            except SweepInterrupted:
+                self._stop(process, signal.SIGINT)
+                trial.state, trial.pid = "preempted", None
+                trial.seconds += time.monotonic() - start
+                self.save()
+                raise
+        _kill_group(process)  # workers or DDP ranks the trial left behind go with it
+        trial.seconds += time.monotonic() - start
+        trial.exit_code, trial.pid, trial.ended = exit_code, None, _now()
+        self._finish(trial, exit_code, stopped, log_path)
+        self.save()
+
+    def _wait_for_orphan(self, trial: Trial) -> None:
+        """A trial still running from a sweep process that was killed: it was told to stop; give it time."""
+        print(
+            f"waiting for {trial.name} (pid {trial.pid}) left by an interrupted sweep process to end",
+            flush=True,
+        )
+        deadline = time.monotonic() + KILL_DELAY
+        while _pid_alive(trial.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if _pid_alive(trial.pid):
+            raise ForgelabError(
+                f"{trial.name} of sweep {self.name} is still running as pid {trial.pid}; stop it, then run again"
+            )
+
+    def _wait(self, trial: Trial, process: subprocess.Popen) -> tuple[int, bool]:
+        stop_sent: float | None = None
+        while True:
+            try:
+                return process.wait(timeout=POLL_SECONDS), stop_sent is not None
+            except subprocess.TimeoutExpired:
+                pass
+            if stop_sent is None and self.should_stop_early(trial):
+                print(f"    {trial.name}: stopped early by hyperband", flush=True)
+                process.send_signal(signal.SIGTERM)  # as wandb agent: Lightning stops at the next batch
+                stop_sent = time.monotonic()
+            elif stop_sent is not None and time.monotonic() - stop_sent > KILL_DELAY:
+                _kill_group(process)
+
+    def _stop(self, process: subprocess.Popen, sig: int) -> None:
+        """Stop a trial the way a terminal would (Ctrl-C reaches Lightning, which saves and exits)."""
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=KILL_DELAY)
+        _kill_group(process)
+
+    def _finish(self, trial: Trial, exit_code: int, stopped: bool, log_path: Path) -> None:
+        history = read_metrics_csv(self.directory / trial.name / "metrics.csv")
+        values = [row[self.metric] for row in history if self.metric and self.metric in row]
+        if values:
+            trial.metric = min(values) if self.goal == "minimize" else max(values)
+        if stopped:
+            trial.state = "stopped"
+        elif exit_code == 0:
+            trial.state = "finished"
+        else:
+            trial.state = "failed"
+            trial.error = _last_error_line(log_path)
+        seconds = f"{trial.seconds:.0f} s"
+        if trial.state == "failed":
+            print(f"    {trial.name}: failed (exit {exit_code}) in {seconds}: {trial.error}", flush=True)
+            print(f"    log: {log_path}", flush=True)
+            return
+        if self.metric and trial.metric is None:
+            print(
+                f"    {trial.name}: {trial.state} in {seconds}, but never logged '{self.metric}' "
+                f"(logged: {', '.join(sorted({k for row in history for k in row})) or 'nothing'})",
+                flush=True,
+            )
+            return
+        best = self.best_trial()
+        note = " (best so far)" if best is trial else ""
+        metric = f": {self.metric} {trial.metric:.4g}{note}" if self.metric else ""
+        print(f"    {trial.name}: {trial.state} in {seconds}{metric}", flush=True)
+
+    def best_trial(self) -> Trial | None:
+        scored = [t for t in self.trials if t.metric is not None and t.state in ("finished", "stopped")]
+        if not scored:
+            return None
+        return (min if self.goal == "minimize" else max)(scored, key=lambda t: t.metric)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _last_error_line(log_path: Path) -> str:
+    """The trial's own error (forgelab's one-line errors, else the last traceback line)."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no output"
+    for line in reversed(lines):
+        if line.startswith("forgelab: error:"):
+            return line.removeprefix("forgelab: error:").strip()
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+@contextlib.contextmanager
+def _interrupts_as_exception() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (a scheduler's pre-emption) end the sweep cleanly between two state writes."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SweepInterrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# -- command line -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forgelab sweep",
+        description="Run a W&B sweep file with no W&B server: W&B's search engine picks each trial, each trial is "
+        "a full run of the file's command in its own process and run directory; re-run the same command to "
+        "resume an interrupted sweep.",
+    )
+    parser.add_argument(
+        "sweep_file", help="a sweep file in W&B's schema, e.g. configs/sweeps/classifier_tiny.yaml"
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="total number of trials of the sweep (trials done before an interruption count; raise it to extend "
+        "a finished sweep; never more than run_cap). Default: run_cap of the file, or the whole grid",
+    )
+    parser.add_argument(
+        "--name", default=None, help="sweep name and directory (default: the file's name: field)"
+    )
+    parser.add_argument(
+        "--root", default="runs", help="the sweep goes to <root>/sweeps/<name>/ (default: runs)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of a new sweep's random and bayes suggestions (a resumed sweep keeps its own)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the file and print the first trial's command; run nothing",
+    )
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    definition = load_sweep_file(args.sweep_file)
+    name = (
+        re.sub(r"[^A-Za-z0-9_.-]+", "-", args.name) if args.name else sweep_name(definition, args.sweep_file)
+    )
+    directory = Path(args.root) / "sweeps" / name
+    sweep = LocalSweep(definition, directory, args.sweep_file, seed=args.seed)
+    if args.dry_run:
+        params, _ = sweep.suggest(0) or ({}, {})
+        print(" ".join(sweep.command_for(Trial(index=0, params=params))))
+        return
+    command = trial_command(definition, {})
+    missing = missing_config_files(command)
+    if missing:
+        raise ConfigError(
+            f"the sweep's command names config files that do not exist here: {', '.join(missing)}; "
+            "run forgelab sweep from the repository root (the command's paths are relative to it)"
+        )
+    with sweep.locked():
+        if sweep.state_path.is_file():
+            sweep.load()
+        else:
+            write_text(directory / "sweep.yaml", Path(args.sweep_file).read_text())
+        try:
+            with _interrupts_as_exception():
+                sweep.run(args.count)
+        except SweepInterrupted as signal_name:
+            done = sum(t.state in ("finished", "stopped", "failed") for t in sweep.trials)
+            print(
+                f"sweep {sweep.name} interrupted ({signal_name}) after {done} trial(s); "
+                f"run the same command to resume: forgelab sweep {args.sweep_file}"
+                + (f" --name {args.name}" if args.name else "")
+                + (f" --root {args.root}" if args.root != "runs" else "")
+                + (f" --count {args.count}" if args.count else ""),
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
+        finally:
+            if any(t.state in ("finished", "stopped") for t in sweep.trials):
+                _write_comparison(sweep)
+
+
+def _write_comparison(sweep: LocalSweep) -> None:
+    records, info = load_sweep_dir(sweep.directory)
+    out = sweep.directory / "compare"
+    table = compare_runs(records, out, sweeps_info=[info])
+    print("\n" + table)
+    best = sweep.best_trial()
+    if best is not None:
+        values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in best.params.items())
+        print(f"\nbest: {best.name} {sweep.metric} {best.metric:.4g} with {values}")
+    print(f"comparison: {out / 'compare.md'} (plots in {out / 'plots'})")

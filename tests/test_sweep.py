@@ -1,0 +1,458 @@
+"""`forgelab sweep`: every sweep file passes W&B's own schema and its trial command (built as `wandb agent`
+builds it) parses with the real CLI; the local controller (W&B's `sweeps` search, failures, hyperband,
+resuming, locking) on a fast stand-in program; a real 3-trial sweep of the tiny classifier end to end."""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import wandb
+import yaml
+
+from common import sweep as sweep_module
+from common.sweep import SweepInterrupted, load_sweep_file, trial_command
+from tests.cli_helpers import CONFIGS, run_cli, tiny_overrides
+from tests.conftest import REPO
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import sweeps
+
+SWEEP_FILES = sorted((CONFIGS / "sweeps").glob("*.yaml"))
+PROGRAM = Path(__file__).with_name("sweep_program.py")
+TINY = CONFIGS / "inpaint_probe" / "tiny.yaml"
+CPU = CONFIGS / "trainer" / "cpu.yaml"
+
+
+def _write(tmp_path: Path, definition: dict, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(definition, sort_keys=False))
+    return path
+
+
+def _stand_in(parameters: dict, method: str = "grid", **extra) -> dict:
+    """A sweep of the stand-in program (tests/sweep_program.py): val/loss = (x - 0.3)^2 + 1/(epoch + 1)."""
+    return {
+        "name": "stand_in",
+        "method": method,
+        "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": parameters,
+        "command": ["${interpreter}", str(PROGRAM), "${args}"],
+        **extra,
+    }
+
+
+def _state(root: Path, name: str = "stand_in") -> dict:
+    return json.loads((root / "sweeps" / name / "sweep.json").read_text())
+
+
+def _launches(trial_dir: Path) -> int:
+    return sum(line.startswith("$ ") for line in (trial_dir / "output.log").read_text().splitlines())
+
+
+@pytest.fixture
+def fast_polling(monkeypatch):
+    monkeypatch.setattr(sweep_module, "POLL_SECONDS", 0.05)
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+# -- the shipped sweep files ------------------------------------------------------------------------------------
+def test_there_are_sweep_files():
+    assert {p.stem for p in SWEEP_FILES} >= {"classifier_tiny", "classifier_lr_wd", "classifier_backbone"}
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_every_sweep_file_passes_wandbs_own_schema(path):
+    definition = yaml.safe_load(path.read_text())
+    assert sweeps.schema_violations_from_proposed_config(definition) == []
+    sweeps.SweepConfig(definition)  # what wandb's controller runs before it creates a sweep
+    assert load_sweep_file(path) == definition
+    assert "${args}" in definition["command"] and definition["command"][:2] == ["forgelab", "fit"]
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_every_sweep_file_trial_command_parses_with_the_swept_values(path, monkeypatch):
+    """The command `wandb agent` would run for the search's first suggestion is accepted by the real CLI, and
+    every swept value lands where its parameter name says (the names are jsonargparse keys)."""
+    monkeypatch.chdir(REPO)
+    definition = load_sweep_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        suggestion = sweeps.next_run(definition, [])
+    params = {key: value["value"] for key, value in suggestion.config.items()}
+    command = trial_command(definition, params)
+    fit = command.index("fit")
+    code, out, err = run_cli([*command[fit:], "--print_config"])
+    assert code == 0, err
+    printed = yaml.safe_load(out)
+    for key, value in params.items():
+        if key == "config":  # the experiment config itself is swept (Table 3's backbones): its values win
+            swept = yaml.safe_load((REPO / value).read_text())
+            for section in ("model", "data"):
+                for name, expected in ((swept.get(section) or {}).get("init_args") or {}).items():
+                    if not isinstance(expected, dict):
+                        assert printed[section]["init_args"][name] == expected, (section, name)
+        elif isinstance(value, float):
+            assert math.isclose(_get(printed, key), value, rel_tol=1e-6), key
+        else:
+            assert _get(printed, key) == value, key
+
+
+def test_trial_command_is_wandb_agents_format():
+    definition = _stand_in({"x": {"values": [1]}})
+    definition["command"] = [
+        "forgelab",
+        "fit",
+        "--config",
+        "a.yaml",
+        "${args}",
+        "--trainer.fast_dev_run=true",
+    ]
+    command = trial_command(definition, {"model.init_args.lr": 0.001, "trainer.max_epochs": 3, "flag": True})
+    assert command[-5:] == [
+        "a.yaml",
+        "--model.init_args.lr=0.001",
+        "--trainer.max_epochs=3",
+        "--flag=True",
+        "--trainer.fast_dev_run=true",
+    ]
+    assert Path(command[0]).name == "forgelab" or command[1:3] == ["-m", "common.cli"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"command": ["forgelab", "fit", "${args_no_hyphens}"]}, "jsonargparse rejects"),
+        ({"command": ["forgelab", "fit", "--config", "x.yaml"]}, "has no `${args}`"),
+        ({"parameters": {"model.init_args.lr": {"min": "1e-5", "max": 1.0e-3}}}, "write 1.0e-5"),
+        ({"method": "annealing"}, "annealing"),
+    ],
+)
+def test_bad_sweep_files_are_one_clear_line(tmp_path, change, message):
+    definition = _stand_in({"x": {"values": [0.1]}}) | change
+    code, _, err = run_cli(["sweep", str(_write(tmp_path, definition)), "--root", str(tmp_path)])
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_config_files_are_reported_before_any_trial(tmp_path):
+    definition = _stand_in({"x": {"values": [0.1]}})
+    definition["command"] = ["forgelab", "fit", "--config", "configs/nope.yaml", "${args}"]
+    code, _, err = run_cli(["sweep", str(_write(tmp_path, definition)), "--root", str(tmp_path)])
+    assert code == 2 and "configs/nope.yaml" in err and "repository root" in err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_random_sweep_without_count_or_run_cap_is_a_clear_error(tmp_path):
+    definition = _stand_in({"x": {"min": 0.0, "max": 1.0}}, method="random")
+    code, _, err = run_cli(["sweep", str(_write(tmp_path, definition)), "--root", str(tmp_path)])
+    assert code == 2 and "--count" in err
+
+
+# -- the local controller on the stand-in program ---------------------------------------------------------------
+def test_grid_sweep_runs_each_point_once_and_records_the_metric(tmp_path, fast_polling):
+    path = _write(tmp_path, _stand_in({"x": {"values": [0.1, 0.3, 0.5]}, "epochs": {"value": 3}}))
+    code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 0, err
+    trials = _state(tmp_path)["trials"]
+    assert [t["params"] for t in trials] == [{"x": x, "epochs": 3} for x in (0.1, 0.3, 0.5)]
+    assert [t["state"] for t in trials] == ["finished"] * 3
+    for trial in trials:  # min over epochs of (x - 0.3)^2 + 1/(e + 1): the last epoch
+        assert trial["metric"] == pytest.approx((trial["params"]["x"] - 0.3) ** 2 + 1 / 3)
+    assert "best: trial-001" in out
+    compare = tmp_path / "sweeps" / "stand_in" / "compare"
+    assert (compare / "compare.md").is_file() and (compare / "plots" / "metric_vs_params.png").is_file()
+    code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])  # nothing left to do
+    assert code == 0, err
+    assert len(_state(tmp_path)["trials"]) == 3 and "grid is exhausted" in out
+
+
+def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, fast_polling):
+    parameters = {"x": {"values": [0.1, 0.2, 0.5]}, "fail": {"values": ["false", "true"]}}
+    path = _write(tmp_path, _stand_in(parameters))
+    code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--count", "4"])
+    assert code == 0, err
+    trials = _state(tmp_path)["trials"]
+    assert len(trials) == 4 and {t["params"]["fail"] for t in trials} == {"true", "false"}
+    for trial in trials:
+        assert trial["state"] == ("failed" if trial["params"]["fail"] == "true" else "finished")
+    failed = next(t for t in trials if t["state"] == "failed")
+    assert failed["exit_code"] == 3 and "told to fail" in failed["error"]
+    assert "failed (exit 3)" in out
+
+
+def test_a_sweep_whose_first_trials_all_fail_stops(tmp_path, fast_polling):
+    path = _write(tmp_path, _stand_in({"x": {"values": [1, 2, 3, 4, 5]}, "fail": {"value": "true"}}))
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 2 and "first 3 trials" in err and "told to fail" in err
+    assert len(_state(tmp_path)["trials"]) == 3
+
+
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_random_and_bayes_search_are_seeded_and_stop_at_count(tmp_path, fast_polling, method):
+    definition = _stand_in({"x": {"min": 0.0, "max": 1.0}, "epochs": {"value": 2}}, method=method)
+    path = _write(tmp_path, definition)
+    picks = []
+    for root in (tmp_path / "a", tmp_path / "b"):
+        code, _, err = run_cli(["sweep", str(path), "--root", str(root), "--count", "3", "--seed", "5"])
+        assert code == 0, err
+        trials = _state(root)["trials"]
+        assert len(trials) == 3 and all(t["state"] == "finished" for t in trials)
+        picks.append([t["params"]["x"] for t in trials])
+    assert picks[0] == picks[1] and len(set(picks[0])) == 3 and all(0 <= x <= 1 for x in picks[0])
+
+
+def test_hyperband_stops_a_trial_that_falls_behind(tmp_path, fast_polling):
+    parameters = {"x": {"values": [0.3, 0.35, 0.9]}, "epochs": {"value": 12}, "sleep": {"value": 0.1}}
+    definition = _stand_in(parameters, early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2})
+    code, out, err = run_cli(["sweep", str(_write(tmp_path, definition)), "--root", str(tmp_path)])
+    assert code == 0, err
+    trials = _state(tmp_path)["trials"]
+    assert [t["state"] for t in trials] == ["finished", "finished", "stopped"]
+    rows = (tmp_path / "sweeps" / "stand_in" / "trial-002" / "metrics.csv").read_text().splitlines()
+    assert 1 + 2 <= len(rows) < 1 + 12  # stopped after the first band, before its last epoch
+    assert "stopped early by hyperband" in out
+    assert (
+        "| trial-002 | stopped |" in (tmp_path / "sweeps" / "stand_in" / "compare" / "compare.md").read_text()
+    )
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path, fast_polling, monkeypatch):
+    parameters = {"x": {"values": [0.1, 0.3, 0.5]}, "epochs": {"value": 4}, "sleep": {"value": 0.05}}
+    path = _write(tmp_path, _stand_in(parameters))
+    original = sweep_module.LocalSweep.should_stop_early
+
+    def ctrl_c_during_the_second_trial(self, trial):
+        if trial.index == 1:
+            raise SweepInterrupted("SIGINT")
+        return original(self, trial)
+
+    monkeypatch.setattr(sweep_module.LocalSweep, "should_stop_early", ctrl_c_during_the_second_trial)
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 130 and "run the same command to resume" in err
+    assert [t["state"] for t in _state(tmp_path)["trials"]] == ["finished", "preempted"]
+
+    monkeypatch.setattr(sweep_module.LocalSweep, "should_stop_early", original)
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 0, err
+    trials = _state(tmp_path)["trials"]
+    assert [t["state"] for t in trials] == ["finished"] * 3
+    assert [t["params"]["x"] for t in trials] == [0.1, 0.3, 0.5]  # the interrupted point, not a new one
+    sweep_dir = tmp_path / "sweeps" / "stand_in"
+    assert [_launches(sweep_dir / f"trial-00{i}") for i in range(3)] == [1, 2, 1]
+    assert len(_state(tmp_path)["invocations"]) == 2
+
+
+def test_a_trial_left_running_by_a_killed_sweep_process_starts_again(tmp_path, fast_polling):
+    path = _write(tmp_path, _stand_in({"x": {"values": [0.1, 0.3]}, "epochs": {"value": 2}}))
+    assert run_cli(["sweep", str(path), "--root", str(tmp_path)])[0] == 0
+    # what a SIGKILLed sweep process leaves: a trial marked running whose process is gone
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    state_path = tmp_path / "sweeps" / "stand_in" / "sweep.json"
+    state = json.loads(state_path.read_text())
+    state["trials"][1].update(state="running", pid=dead.pid, metric=None)
+    state_path.write_text(json.dumps(state))
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 0, err
+    trials = _state(tmp_path)["trials"]
+    assert [t["state"] for t in trials] == ["finished", "finished"] and trials[1]["attempts"] == 2
+    assert trials[1]["metric"] == pytest.approx(0.5)
+
+
+def test_a_changed_sweep_file_is_not_mixed_into_the_old_sweep(tmp_path, fast_polling):
+    definition = _stand_in({"x": {"values": [0.1]}, "epochs": {"value": 1}})
+    path = _write(tmp_path, definition)
+    assert run_cli(["sweep", str(path), "--root", str(tmp_path)])[0] == 0
+    changed = copy.deepcopy(definition)
+    changed["parameters"]["x"]["values"] = [0.1, 0.2]
+    _write(tmp_path, changed)
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 2 and "different definition" in err and "--name" in err
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--name", "stand_in_2"])
+    assert code == 0, err
+
+
+def test_one_sweep_process_per_sweep_directory(tmp_path):
+    path = _write(tmp_path, _stand_in({"x": {"values": [0.1]}}))
+    directory = tmp_path / "sweeps" / "stand_in"
+    directory.mkdir(parents=True)
+    with open(directory / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 2 and "being run by another process" in err
+
+
+def test_dry_run_prints_the_first_trial_command_and_runs_nothing(tmp_path):
+    path = _write(tmp_path, _stand_in({"x": {"values": [0.25]}}))
+    code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--dry-run"])
+    assert code == 0, err
+    assert out.strip().endswith(f"{PROGRAM} --x=0.25") and not (tmp_path / "sweeps").exists()
+
+
+# -- what `wandb agent` does to a run ---------------------------------------------------------------------------
+def test_a_run_launched_by_wandb_agent_is_the_agents_run(small_toy_world, tmp_path, monkeypatch, request):
+    """The agent's environment (sweep id, run id, parameter file) and its `--_wandb=` argument: W&B uses the
+    agent's run id (over ours) and the CLI records that id, so run.json names the W&B run that exists."""
+    params = tmp_path / "config-agentrun1.yaml"
+    params.write_text("model.init_args.lr:\n  value: 0.003\n")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw33pid0")
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun1")
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    wandb.teardown()  # a fresh W&B session reads the agent's environment (as the agent's fresh process does)
+    request.addfinalizer(wandb.teardown)  # and the next test's session does not keep the sweep's settings
+    args = ["fit", "--config", str(CPU), "--config", str(TINY), *tiny_overrides(TINY, small_toy_world)]
+    args += [f"--run.root={tmp_path}", "--run.name=agent", "--run.test_after_fit=false"]
+    args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    code, _, err = run_cli([*args, "--model.init_args.lr=0.003", "--_wandb=resume"])
+    assert code == 0, err
+    wandb.teardown()  # W&B's service writes the offline file asynchronously; shutting it down flushes it
+    run = tmp_path / "inpaint_probe" / "agent"
+    record = json.loads((run / "run.json").read_text())
+    assert record["wandb_id"] == "agentrun1" and record["wandb_sweep_id"] == "sw33pid0"
+    (offline,) = (run / "wandb").glob("offline-run-*-agentrun1")
+    content = next(offline.glob("run-*.wandb")).read_bytes()
+    assert b"sw33pid0" in content and b"model.init_args.lr" in content  # the sweep's own config key
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["lr"] == 0.003
+
+
+# -- the real thing: forgelab fit trials of the tiny classifier -------------------------------------------------
+def _tiny_classifier_sweep(tmp_path: Path, toy: Path, lrs: list[float], *extra: str) -> Path:
+    """classifier_tiny.yaml's command, on the small toy world, a grid over the learning rate."""
+    definition = yaml.safe_load((CONFIGS / "sweeps" / "classifier_tiny.yaml").read_text())
+    definition.pop("early_terminate")
+    definition.pop("run_cap")
+    definition["method"] = "grid"
+    definition["parameters"] = {"model.init_args.lr": {"values": lrs}}
+    definition["command"] = [
+        *(str(REPO / c) if c.startswith("configs/") else c for c in definition["command"]),
+        *tiny_overrides(TINY, toy),
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=4",
+        *extra,
+    ]
+    return _write(tmp_path, definition, "classifier_tiny.yaml")
+
+
+def test_real_fit_trials_land_in_the_sweep_and_compare(small_toy_world, tmp_path):
+    """The fast variant (each real trial pays ~10 s of imports): one `forgelab fit` trial that trains and one
+    whose value the model rejects; the sweep records both, and compare and Table 3 read the real run files."""
+    path = _tiny_classifier_sweep(tmp_path, small_toy_world, [2.0e-3, -1.0])
+    code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 0, err
+    trials = _state(tmp_path, "classifier_tiny")["trials"]
+    assert [t["state"] for t in trials] == ["finished", "failed"] and "lr must be positive" in trials[1][
+        "error"
+    ]
+    assert trials[0]["metric"] is not None and "best: trial-000" in out
+    trial = tmp_path / "sweeps" / "classifier_tiny" / "trial-000"
+    record = json.loads((trial / "run.json").read_text())
+    assert record["group"] == "classifier_tiny" and record["job_type"] == "sweep-trial"
+    assert (trial / "test_metrics.json").is_file() and (trial / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "inpaint_probe").exists()  # every trial in the sweep's directory
+    markdown = (tmp_path / "sweeps" / "classifier_tiny" / "compare" / "compare.md").read_text()
+    assert "| trial-001 | failed | -1 |" in markdown and "| trial-000 | toy_gan |" in markdown
+    table3 = CONFIGS / "inpaint_probe" / "tables" / "table3.yaml"
+    code, out, err = run_cli(
+        ["compare", str(tmp_path / "sweeps"), "--table", str(table3), "--out", str(tmp_path / "t")]
+    )
+    assert code == 0, err
+    assert "| Models | Accuracy | F1-Score | AUC |" in out and "| ResNet-50 |" in out
+
+
+@pytest.mark.slow
+def test_three_trial_sweep_of_the_tiny_classifier_end_to_end(small_toy_world, tmp_path):
+    """Three real `forgelab fit` trials (one with a bad learning rate, which fails), in two invocations: the
+    second continues the sweep without re-running anything; then `compare` and Table 3 from the sweep."""
+    path = _tiny_classifier_sweep(tmp_path, small_toy_world, [2.0e-3, -1.0, 1.0e-3])
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--count", "2"])
+    assert code == 0, err
+    assert [t["state"] for t in _state(tmp_path, "classifier_tiny")["trials"]] == ["finished", "failed"]
+    code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 0, err
+    state = _state(tmp_path, "classifier_tiny")
+    assert [t["state"] for t in state["trials"]] == ["finished", "failed", "finished"]
+    assert "lr must be positive" in state["trials"][1]["error"]
+    sweep_dir = tmp_path / "sweeps" / "classifier_tiny"
+    for name in ("trial-000", "trial-002"):
+        record = json.loads((sweep_dir / name / "run.json").read_text())
+        assert record["group"] == "classifier_tiny" and record["job_type"] == "sweep-trial"
+        assert len(record["invocations"]) == 1  # not re-run by the second invocation
+        assert (sweep_dir / name / "test_metrics.json").is_file()
+    assert not (tmp_path / "inpaint_probe").exists()  # every trial in the sweep's directory
+
+    code, out, err = run_cli(["compare", str(sweep_dir)])
+    assert code == 0, err
+    markdown = (sweep_dir / "compare" / "compare.md").read_text()
+    assert "| trial-001 | failed | -1 |" in markdown and "best val/loss" in markdown
+    assert "| trial-000 | toy_gan |" in markdown  # the per-generator table
+    assert (sweep_dir / "compare" / "plots" / "metric_vs_params.png").stat().st_size > 0
+    assert (sweep_dir / "compare" / "plots" / "curves.png").stat().st_size > 0
+
+    table3 = CONFIGS / "inpaint_probe" / "tables" / "table3.yaml"
+    code, out, err = run_cli(
+        ["compare", str(sweep_dir), "--table", str(table3), "--out", str(tmp_path / "t3")]
+    )
+    assert code == 0, err
+    assert "| Models | Accuracy | F1-Score | AUC | runs |" in out and "| ResNet-50 |" in out
+    assert "| 2 |" in (tmp_path / "t3" / "table3.md").read_text()  # both finished trials, averaged
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_trial_resumes_from_the_trials_checkpoint(small_toy_world, tmp_path):
+    """SIGKILL of the sweep process while a trial trains: the trial is told to stop (parent-death signal), and
+    the same command resumes it from its last checkpoint in the same run directory."""
+    path = _tiny_classifier_sweep(tmp_path, small_toy_world, [2.0e-3], "--trainer.max_epochs=4")
+    command = [sys.executable, "-m", "common.cli", "sweep", str(path), "--root", str(tmp_path)]
+    controller = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL)
+    trial_dir = tmp_path / "sweeps" / "classifier_tiny" / "trial-000"
+    deadline = time.monotonic() + 240
+    while not (trial_dir / "checkpoints" / "last.ckpt").is_file():
+        assert time.monotonic() < deadline and controller.poll() is None
+        time.sleep(0.5)
+    os.killpg(controller.pid, signal.SIGKILL)
+    controller.wait()
+    assert _state(tmp_path, "classifier_tiny")["trials"][0]["state"] == "running"
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 0, err
+    (trial,) = _state(tmp_path, "classifier_tiny")["trials"]
+    assert trial["state"] == "finished" and trial["attempts"] == 2
+    record = json.loads((trial_dir / "run.json").read_text())
+    assert [i["resumed"] for i in record["invocations"]] == [False, True]
+    assert any("--ckpt_path=" in a for a in record["invocations"][1]["argv"])
+    assert (trial_dir / "test_metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_trials_share_one_run_directory_and_one_wandb_run(small_toy_world, tmp_path, monkeypatch):
+    """A 2-process DDP trial (Lightning re-launches the same command for rank 1): one run directory, one
+    offline W&B run in the sweep's group, nothing written elsewhere."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    path = _tiny_classifier_sweep(tmp_path, small_toy_world, [2.0e-3], "--trainer.max_epochs=1", *ddp)
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+    assert code == 0, err
+    sweep_dir = tmp_path / "sweeps" / "classifier_tiny"
+    assert _state(tmp_path, "classifier_tiny")["trials"][0]["state"] == "finished"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["sweeps"]
+    (offline_run,) = (sweep_dir / "trial-000" / "wandb").glob("offline-run-*")
+    assert b"classifier_tiny" in next(offline_run.glob("run-*.wandb")).read_bytes()  # the group
+    n_test = len(list((small_toy_world / "realfake" / "test").rglob("*.png")))
+    metrics = json.loads((sweep_dir / "trial-000" / "test_metrics.json").read_text())
+    assert metrics["pooled"]["n"] == n_test
