@@ -52,7 +52,11 @@ class Captioner(nn.Module):
     """A frozen BLIP or BLIP-2 captioner with greedy decoding (C in the paper's Fig. 2)."""
 
     def __init__(
-        self, kind: str = "blip", model_id: str | None = None, preset: str = "pretrained", max_new_tokens: int = 30
+        self,
+        kind: str = "blip",
+        model_id: str | None = None,
+        preset: str = "pretrained",
+        max_new_tokens: int = 30,
     ) -> None:
         super().__init__()
         if kind not in CAPTIONERS:

@@ -76,7 +76,7 @@ class FrozenCLIP(nn.Module):
         pooled = self.model.visual_projection(vision.pooler_output)
         patch_states = self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
         patches = self.model.visual_projection(patch_states)
-        grid = int(round(patches.shape[1] ** 0.5))
+        grid = round(patches.shape[1] ** 0.5)
         return ImageFeatures(F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1), grid)
 
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,10 +106,15 @@ class FrozenCLIP(nn.Module):
     def text_embedding(self, texts: Sequence[str]) -> torch.Tensor:
         """t = g(c): pooled, projected, unit-norm caption embeddings (used for the caption-fidelity score)."""
         encoded = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
         )
         features = self.model.get_text_features(
-            input_ids=encoded.input_ids.to(self.mean.device), attention_mask=encoded.attention_mask.to(self.mean.device)
+            input_ids=encoded.input_ids.to(self.mean.device),
+            attention_mask=encoded.attention_mask.to(self.mean.device),
         )
         if not isinstance(features, torch.Tensor):  # transformers 5 returns an output object
             features = features.pooler_output

@@ -52,7 +52,12 @@ from projects.fg_guidance.losses import (
 
 log = logging.getLogger("forgelab.fg_guidance")
 
-PAPER_LAMBDAS = (1.0, 1.5, 0.35, 0.35)  # lambda_ctr = 1, lambda_det in [1, 2], lambda_tmp, lambda_env in [0.2, 0.5]
+PAPER_LAMBDAS = (
+    1.0,
+    1.5,
+    0.35,
+    0.35,
+)  # lambda_ctr = 1, lambda_det in [1, 2], lambda_tmp, lambda_env in [0.2, 0.5]
 
 
 class FineGrainedGuidance(L.LightningModule):
@@ -72,7 +77,8 @@ class FineGrainedGuidance(L.LightningModule):
         captioner: "blip" | "blip2" | None (no re-captioning). captioner_id: its hub id (default per kind).
         caption_batches: validation batches that are re-captioned per epoch (captioning is slow).
         margin: m of Eq. 2 (on unit-norm embeddings, so D lies in [0, 2]). tau: temperature of Eq. 3.
-        lambdas: initial lambda_ctr, lambda_det, lambda_tmp, lambda_env (Eq. 1).
+        lambda_ctr, lambda_det, lambda_tmp, lambda_env: initial weights of Eq. 1 (the paper: 1, [1, 2], [0.2, 0.5],
+            [0.2, 0.5]); four scalars rather than one list so a sweep can vary each.
         gradnorm, gradnorm_alpha, gradnorm_lr, gradnorm_reference_steps: GradNorm (False: fixed lambdas).
         gradnorm_on: "image" measures ||grad L_i|| on x_hat (cheap: only through CLIP); "lora" on theta.
         temporal, environments: degradation names sampled for Eq. 4 (one per image) and used for Eq. 5 (all).
@@ -104,7 +110,10 @@ class FineGrainedGuidance(L.LightningModule):
         caption_batches: int = 1,
         margin: float = 1.0,
         tau: float = 0.07,
-        lambdas: tuple[float, float, float, float] = PAPER_LAMBDAS,
+        lambda_ctr: float = PAPER_LAMBDAS[0],
+        lambda_det: float = PAPER_LAMBDAS[1],
+        lambda_tmp: float = PAPER_LAMBDAS[2],
+        lambda_env: float = PAPER_LAMBDAS[3],
         gradnorm: bool = True,
         gradnorm_alpha: float = 1.5,
         gradnorm_lr: float = 0.025,
@@ -123,9 +132,13 @@ class FineGrainedGuidance(L.LightningModule):
     ) -> None:
         super().__init__()
         check_steps(num_inference_steps, grad_steps)
-        if len(lambdas) != len(LOSS_NAMES) or min(lambdas) <= 0:
-            raise ConfigError(f"lambdas must be {len(LOSS_NAMES)} positive numbers ({', '.join(LOSS_NAMES)})")
-        for names, known, what in ((temporal, TEMPORAL, "temporal"), (environments, ENVIRONMENTS, "environments")):
+        lambdas = (lambda_ctr, lambda_det, lambda_tmp, lambda_env)
+        if min(lambdas) <= 0:
+            raise ConfigError(f"lambda_ctr/det/tmp/env must be positive, got {list(lambdas)}")
+        for names, known, what in (
+            (temporal, TEMPORAL, "temporal"),
+            (environments, ENVIRONMENTS, "environments"),
+        ):
             unknown = sorted(set(names) - set(known))
             if unknown or not names:
                 raise ConfigError(f"{what} must be a non-empty list from {sorted(known)}, got {list(names)}")
@@ -147,9 +160,7 @@ class FineGrainedGuidance(L.LightningModule):
             model_id, preset, lora_rank, lora_alpha, image_size, base_weights=base_weights
         )
         self.encoder = FrozenCLIP(clip_model_id, preset=preset)
-        self.captioner = (
-            Captioner(captioner, captioner_id, preset=preset) if captioner is not None else None
-        )
+        self.captioner = Captioner(captioner, captioner_id, preset=preset) if captioner is not None else None
         self.gradnorm = GradNorm(
             lambdas,
             alpha=gradnorm_alpha,
@@ -186,7 +197,9 @@ class FineGrainedGuidance(L.LightningModule):
         b = len(x)
 
         # Eq. 4: a random deterioration of each generated image.
-        (aged, mask), temporal_names = random_degradation(x_hat, list(hp.temporal), tuple(hp.severity), generator)
+        (aged, mask), temporal_names = random_degradation(
+            x_hat, list(hp.temporal), tuple(hp.severity), generator
+        )
         f_aged = self.encoder.image_features(aged)
         if hp.temporal_masked:
             weights = F.adaptive_avg_pool2d(mask, f_x.grid).flatten(1)
@@ -235,8 +248,14 @@ class FineGrainedGuidance(L.LightningModule):
         for i, caption in enumerate(batch["caption"]):
             boxes = batch["boxes"][i].tolist() if len(batch["boxes"][i]) else []
             z, t, used = phrase_pairs(
-                f_hat.patches[i], f_hat.grid, text.tokens[i], text.offsets[i], caption, boxes,
-                batch["phrases"][i], image_size,
+                f_hat.patches[i],
+                f_hat.grid,
+                text.tokens[i],
+                text.offsets[i],
+                caption,
+                boxes,
+                batch["phrases"][i],
+                image_size,
             )
             if len(used) >= 2:  # with one pair there is nothing to contrast against
                 losses.append(detail_alignment_loss(z, t, self.hparams.tau))
@@ -246,25 +265,39 @@ class FineGrainedGuidance(L.LightningModule):
         return torch.stack(losses).mean(), pairs / len(batch["caption"])
 
     # -- training ------------------------------------------------------------------------------------------------
+    def training_loss(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One training step's forward: the cycle, the four terms, Eq. 1 with the current lambdas, and the
+        per-term gradient norms GradNorm needs (benchmarks/fg_cycle.py times exactly this plus the backward)."""
+        hp = self.hparams
+        out = self.generator.cycle(batch["image"], batch["caption"], hp.num_inference_steps, hp.grad_steps)
+        terms, aux = self.loss_terms(batch, out["x_hat"], self._step_generator("train"))
+        lambdas = self.gradnorm.lambdas.to(terms)
+        shared = [out["x_hat"]] if hp.gradnorm_on == "image" else self.generator.lora_parameters()
+        norms = task_gradient_norms(aux["parts"], shared)
+        return {
+            "loss": total_loss(terms, lambdas),
+            "terms": terms,
+            "lambdas": lambdas,
+            "norms": norms,
+            "aux": aux,
+            "cycle": out,
+        }
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if batch["label"].numel() == 0:  # every image of the batch failed to decode
             return None
         hp = self.hparams
         step = int(self.global_step)
         optimiser = self.optimizers()
-        out = self.generator.cycle(batch["image"], batch["caption"], hp.num_inference_steps, hp.grad_steps)
-        terms, aux = self.loss_terms(batch, out["x_hat"], self._step_generator("train"))
-        lambdas = self.gradnorm.lambdas.to(terms)
-        loss = total_loss(terms, lambdas)
-        shared = [out["x_hat"]] if hp.gradnorm_on == "image" else self.generator.lora_parameters()
-        norms = task_gradient_norms(aux["parts"], shared)
+        result = self.training_loss(batch)
+        loss, terms, lambdas, aux, out = (result[k] for k in ("loss", "terms", "lambdas", "aux", "cycle"))
 
         optimiser.zero_grad()
         self.manual_backward(loss)
         if hp.max_grad_norm:
             self.clip_gradients(optimiser, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
         optimiser.step()
-        gradnorm_log = self.gradnorm.step(terms.detach(), norms)
+        gradnorm_log = self.gradnorm.step(terms.detach(), result["norms"])
 
         size = len(batch["caption"])
         values = {"train/loss": loss, "train/loss_initial_lambdas": total_loss(terms, self.initial_lambdas)}
@@ -275,7 +308,9 @@ class FineGrainedGuidance(L.LightningModule):
         values["train/gradnorm_loss"] = gradnorm_log["gradnorm_loss"]
         values["train/detail_pairs_per_image"] = aux["detail_pairs"]
         values["train/cycle_latent_error"] = _relative_error(out["latents_hat"], out["latents"])
-        self.log_dict({k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}, batch_size=size)
+        self.log_dict(
+            {k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}, batch_size=size
+        )
         self.log("train/total", loss.detach(), prog_bar=True, logger=False, batch_size=size)
         self.lambda_history.append([step, *lambdas.tolist()])
 
@@ -313,9 +348,13 @@ class FineGrainedGuidance(L.LightningModule):
             {"path": p, "c": c, "c_hat": h, "token_f1": token_f1(c, h)}
             for p, c, h in zip(batch["path"], batch["caption"], recaptions)
         ]
-        write_json(Path(self.trainer.default_root_dir) / "captions" / f"epoch{self.current_epoch:03d}.json", rows)
+        write_json(
+            Path(self.trainer.default_root_dir) / "captions" / f"epoch{self.current_epoch:03d}.json", rows
+        )
 
-    def _log_grid(self, batch: dict[str, Any], x_hat: torch.Tensor, aux: dict[str, Any], recaptions: list[str]) -> None:
+    def _log_grid(
+        self, batch: dict[str, Any], x_hat: torch.Tensor, aux: dict[str, Any], recaptions: list[str]
+    ) -> None:
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         n = min(4, len(x_hat))
@@ -360,7 +399,9 @@ class FineGrainedGuidance(L.LightningModule):
             },
         )
         if self.lambda_history:
-            write_csv(run_dir / "lambdas.csv", ["step", *[f"lambda_{n}" for n in LOSS_NAMES]], self.lambda_history)
+            write_csv(
+                run_dir / "lambdas.csv", ["step", *[f"lambda_{n}" for n in LOSS_NAMES]], self.lambda_history
+            )
             figure, axis = plt.subplots(figsize=(6, 3.5))
             steps = [row[0] for row in self.lambda_history]
             for i, name in enumerate(LOSS_NAMES):

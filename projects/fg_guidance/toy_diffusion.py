@@ -76,7 +76,15 @@ class ToyDiffusionSpec:
     def __post_init__(self) -> None:
         if self.image_size % 2 or self.image_size < 16:
             raise ValueError(f"image_size must be an even number >= 16, got {self.image_size}")
-        if min(self.autoencoder_steps, self.denoiser_steps, self.autoencoder_batch_size, self.denoiser_batch_size) < 1:
+        if (
+            min(
+                self.autoencoder_steps,
+                self.denoiser_steps,
+                self.autoencoder_batch_size,
+                self.denoiser_batch_size,
+            )
+            < 1
+        ):
             raise ValueError("steps and batch sizes must be >= 1")
 
     def spec_hash(self, toy_world_hash: str) -> str:
