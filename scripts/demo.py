@@ -97,6 +97,52 @@ STAGES: list[Stage] = [
         requires=("inpaint_pconv", "inpaint_deepfill"),
     ),
     Stage(
+        name="fg_generator",
+        title="Fine-grained guidance Sec. 3: tiny SD + LoRA trained through the DDIM cycle with Eq. 1-5 and GradNorm",
+        command=[
+            "fit",
+            "--config",
+            "configs/trainer/cpu.yaml",
+            "--config",
+            "configs/fg_guidance/tiny.yaml",
+            "--trainer.limit_train_batches=8",
+        ],
+        project="fg_guidance",
+        run_name="fg_generator",
+        results=("generator/generator.json",),
+    ),
+    Stage(
+        name="fg_augment",
+        title="Fine-grained guidance Sec. 4: `forgelab augment` with the trained generator (view/ageing/lighting prompts)",
+        command=[
+            "augment",
+            f"--generator={RUNS}/fg_guidance/fg_generator/generator",
+            "--fraction=0.1",
+        ],
+        project="fg_guidance",
+        run_name="fg_augmented",
+        results=("dataset.json",),
+        requires=("fg_generator",),
+        place=("--root", "--name"),
+    ),
+    Stage(
+        name="fg_table1",
+        title="Fine-grained guidance Table 1 shape: subtype accuracy without/with the generated set (tiny ResNet-101, FineLIP-style)",
+        command=[
+            "fg-table1",
+            f"--augmented={RUNS}/fg_guidance/fg_augmented/manifest.jsonl",
+            "--preset=tiny",
+            "--trainer.max_epochs=3",
+            "--data.init_args.image_size=64",
+            "--data.init_args.num_workers=0",
+        ],
+        project="fg_guidance",
+        run_name="fg_table1",
+        results=("table1.md",),
+        requires=("fg_augment",),
+        place=("--root", "--name"),
+    ),
+    Stage(
         name="sweep",
         title="A W&B sweep file with no server: 3 bayes trials of the tiny classifier (lr, weight decay, backbone)",
         command=["sweep", "configs/sweeps/classifier_tiny.yaml", "--count", "3"],
@@ -144,7 +190,7 @@ def main() -> None:
     start = time.perf_counter()
     ensure_toy_world("data/toy_world")
     timings = {"toy world": time.perf_counter() - start}
-    for stage in STAGES:  # a chosen stage brings the stages it reads from
+    for stage in reversed(STAGES):  # a chosen stage brings the stages it reads from (and theirs)
         if stage.name in wanted:
             wanted |= set(stage.requires)
     for stage in STAGES:

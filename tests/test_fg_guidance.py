@@ -224,13 +224,15 @@ def test_single_image_subclasses_warn_and_all_singles_fail(tmp_path, caplog):
 
 
 def test_a_tiny_fit_decreases_the_total_loss(pairs, tmp_path):
+    # Random tiny weights give small, saturated gradients: Adam's sign-like first steps need a small lr here.
+    torch.manual_seed(0)
     model = FineGrainedGuidance(
         preset="tiny",
         image_size=32,
         num_inference_steps=3,
         grad_steps=1,
         captioner=None,
-        lr=1e-2,
+        lr=3e-4,
         gradnorm=False,
         max_grad_norm=None,
     )
@@ -244,7 +246,7 @@ def test_a_tiny_fit_decreases_the_total_loss(pairs, tmp_path):
 
     before = loss_on_fixed_batch()
     trainer = L.Trainer(
-        max_steps=12,
+        max_steps=10,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -254,11 +256,11 @@ def test_a_tiny_fit_decreases_the_total_loss(pairs, tmp_path):
         default_root_dir=str(tmp_path),
     )
     # train on the batch we measure (batch_size=None: the loader yields the ready-made batch as it is)
-    trainer.fit(model, train_dataloaders=DataLoader([fixed] * 12, batch_size=None))
+    trainer.fit(model, train_dataloaders=DataLoader([fixed] * 10, batch_size=None))
     after = loss_on_fixed_batch()
     assert after < before, (before, after)
     assert (tmp_path / "generator" / "lora.safetensors").is_file()
-    assert (tmp_path / "lambdas.csv").read_text().count("\n") == 13
+    assert (tmp_path / "lambdas.csv").read_text().count("\n") == 11
     assert LOSS_NAMES == ("contrast", "detail", "temporal", "env")
 
 

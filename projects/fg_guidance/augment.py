@@ -311,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generator", required=True, help="<run>/generator folder exported by the fit")
     parser.add_argument("--manifest", default="data/toy_world/parts/manifest.jsonl", help="captioned JSONL")
     parser.add_argument("--split", default="train", help="split of the manifest to augment")
-    parser.add_argument("--out", required=True, help="output dataset folder")
+    parser.add_argument("--out", default=None, help="output dataset folder (or --root + --name)")
+    parser.add_argument("--root", default="runs", help="with --name: write to <root>/fg_guidance/<name>")
+    parser.add_argument("--name", default=None, help="with --root: write to <root>/fg_guidance/<name>")
     parser.add_argument(
         "--fraction", type=float, default=0.5, help="images to add, as a fraction of the split"
     )
@@ -336,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> None:
     """Entry point of `forgelab augment`."""
     args = build_parser().parse_args(argv)
+    if args.out is None:
+        if args.name is None:
+            raise ConfigError("set --out, or --name (and --root) to write to <root>/fg_guidance/<name>")
+        args.out = str(Path(args.root) / "fg_guidance" / args.name)
     if args.manifest.startswith("data/toy_world"):
         from common.data.toy_world import ensure_toy_world
 

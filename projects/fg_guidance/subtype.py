@@ -96,7 +96,10 @@ class SubtypeTask(L.LightningModule):
             raise ConfigError(f"lr must be positive, got {lr}")
         self.num_classes = num_classes
         self.metrics = nn.ModuleDict(
-            {split: MulticlassAccuracy(num_classes, average="micro") for split in ("train", "val", "test")}
+            {
+                f"{split}_acc": MulticlassAccuracy(num_classes, average="micro")
+                for split in ("train", "val", "test")
+            }
         )
         self.test_seconds, self.test_images = 0.0, 0
 
@@ -113,10 +116,10 @@ class SubtypeTask(L.LightningModule):
             return None
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"])
-        self.metrics[split](logits.argmax(-1), batch["label"])
+        self.metrics[f"{split}_acc"](logits.argmax(-1), batch["label"])
         size = len(batch["label"])
         self.log(f"{split}/loss", loss, batch_size=size, prog_bar=split != "test")
-        self.log(f"{split}/acc", self.metrics[split], batch_size=size, prog_bar=split != "train")
+        self.log(f"{split}/acc", self.metrics[f"{split}_acc"], batch_size=size, prog_bar=split != "train")
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -135,7 +138,7 @@ class SubtypeTask(L.LightningModule):
         """`<run>/test_metrics.json`: what `forgelab fg-table1` collects (accuracy, inference ms per image)."""
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
-        acc = self.metrics["test"].compute()
+        acc = self.metrics["test_acc"].compute()
         write_json(
             Path(self.trainer.default_root_dir) / "test_metrics.json",
             {

@@ -1,10 +1,10 @@
 """`forgelab fg-table1`: Table 1 of the paper (subtype accuracy with and without the generative augmentation).
 
-    forgelab fg-table1 --augmented data/fg_augmented/<name>/manifest.jsonl [--preset tiny] [--set --trainer.max_epochs=3]
+    forgelab fg-table1 --augmented data/fg_augmented/<name>/manifest.jsonl [--preset tiny] [--trainer.max_epochs=3 ...]
 
 For every method (ResNet-101, FineLIP-style; configs/fg_guidance/subtype_*.yaml) it runs two `forgelab fit`
 runs through the real CLI, identical except that the second appends the augmented set to the training split
-(``data.init_args.extra_train_manifests``); each tests its best validation checkpoint on the untouched test split
+(``data.init_args.extra_train_manifests``); any other ``--key=value`` option is passed to every fit. Each tests its best validation checkpoint on the untouched test split
 and writes ``test_metrics.json``. The table, in the paper's shape:
 
     method | without (%) | with (%) | cost (ms)
@@ -22,6 +22,7 @@ import datetime as _dt
 import json
 import logging
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +84,18 @@ def markdown_table(columns: tuple[str, ...], rows: list[list[Any]]) -> str:
 
 
 def run_fit(args: list[str]) -> None:
+    """`forgelab fit <args>` in this process (LightningCLI reads sys.argv too: hide this command's own)."""
     from common.cli import main as forgelab
 
+    saved = sys.argv[1:]
+    sys.argv[1:] = []
     try:
         forgelab(["fit", *args])
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise ConfigError(f"`forgelab fit {' '.join(args)}` failed (exit {exit_.code})") from None
+    finally:
+        sys.argv[1:] = saved
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     """Entry point of `forgelab fg-table1`."""
-    args = build_parser().parse_args(argv)
+    args, overrides = build_parser().parse_known_args(argv)
+    unknown = [a for a in overrides if not a.startswith("--") or "=" not in a]
+    if unknown:
+        raise ConfigError(f"fg-table1 passes extra options to `forgelab fit` as --key=value; got {unknown}")
     augmented = Path(args.augmented)
     if not augmented.is_file():
         raise ConfigError(f"--augmented {augmented} does not exist: write it with `forgelab augment` first")
@@ -140,7 +149,7 @@ def main(argv: list[str]) -> None:
                 fit_args.append(f"--model.init_args.preset={args.preset}")
             if condition == "with":
                 fit_args.append(f"--data.init_args.extra_train_manifests=[{augmented}]")
-            fit_args += list(args.overrides)
+            fit_args += overrides
             log.info("fg-table1: %s %s augmentation", method, condition)
             run_fit(fit_args)
             metrics = read_test_accuracy(Path(args.root) / "fg_guidance" / run_name)
