@@ -14,7 +14,8 @@ import yaml
 
 from common.data.captioned import CaptionedParts, read_captioned_manifest
 from common.errors import ConfigError
-from projects.fg_guidance.augment import PROMPTS, main as augment_main, plan_jobs, variant_prompt
+from projects.fg_guidance.augment import PROMPTS, plan_jobs, variant_prompt
+from projects.fg_guidance.augment import main as augment_main
 from projects.fg_guidance.cycle import FineGrainedGenerator
 from projects.fg_guidance.subtype import (
     FineLIPClassifier,
@@ -84,7 +85,7 @@ def test_finelip_reads_descriptions_past_77_tokens():
     assert model.clip.text_model.embeddings.position_embedding.weight.shape[0] == 248
     long = "a ball valve with " + ", ".join(f"bolt number {i}" for i in range(20))  # 156 tokens
     model.descriptions = [long, "a gate valve"]
-    tokens, mask = model.encode_descriptions()
+    _, mask = model.encode_descriptions()
     assert mask[0].sum() > 77 and model.truncated_descriptions == 0
     logits = model(torch.rand(3, 3, 32, 32))
     assert logits.shape == (3, 2) and torch.isfinite(logits).all()
