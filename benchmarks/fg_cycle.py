@@ -137,9 +137,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--grad-steps", type=int, default=1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: tiny ops are faster, and stable on a busy machine)",
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     if args.child is not None:
         print(json.dumps(child_step(args.child, args.grad_steps)))
         return 0
@@ -151,7 +157,16 @@ def main() -> int:
     results = {}
     for steps in args.steps:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", str(steps), "--grad-steps", str(args.grad_steps)],
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(steps),
+                "--grad-steps",
+                str(args.grad_steps),
+                "--threads",
+                str(args.threads),
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,
