@@ -53,7 +53,9 @@ def log_figure(trainer: Any, key: str, figure: Any) -> Path:
 def log_pil(trainer: Any, key: str, image: Image.Image, caption: str | None = None) -> Path:
     path = save_image(run_dir(trainer) / "plots" / f"{key.replace('/', '_')}.png", image)
     for logger in wandb_loggers(trainer):
-        logger.log_image(key=key, images=[str(path)], caption=[caption] if caption else None)
+        # Lightning's WandbLogger checks len() of every keyword it is given: pass caption only when there is one.
+        extra = {"caption": [caption]} if caption else {}
+        logger.log_image(key=key, images=[str(path)], **extra)
     return path
 
 

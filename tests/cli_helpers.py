@@ -94,6 +94,16 @@ def _item_overrides(toy: Path) -> list[str]:
     ]
 
 
+def _captioned_overrides(toy: Path) -> list[str]:
+    return [
+        "--data.init_args.toy_world=null",
+        f"--data.init_args.manifest={toy / 'parts' / 'manifest.jsonl'}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+    ]
+
+
 def _inpainting_overrides(toy: Path) -> list[str]:
     parts = toy / "parts"
     return [
@@ -112,7 +122,21 @@ def _inpainting_overrides(toy: Path) -> list[str]:
 DATA_OVERRIDES: dict[str, Callable[[Path], list[str]]] = {
     "common.data.RealFakeFolder": _realfake_overrides,
     "projects.item_detector.data.ItemFeatures": _item_overrides,
+    "common.data.CaptionedParts": _captioned_overrides,
+    "common.data.captioned.CaptionedParts": _captioned_overrides,
+    "projects.fg_guidance.data.FineGrainedPairs": _captioned_overrides,
     "projects.inpaint_probe.data.InpaintingImages": _inpainting_overrides,
+}
+
+# model class_path -> CLI overrides that keep a tiny preset cheap beyond `preset=tiny` (sizes, steps, and no
+# fitted base weights: fitting the toy diffusion model takes a minute)
+MODEL_OVERRIDES: dict[str, list[str]] = {
+    "projects.fg_guidance.module.FineGrainedGuidance": [
+        "--model.init_args.base_weights=null",
+        "--model.init_args.image_size=32",
+        "--model.init_args.num_inference_steps=3",
+        "--model.init_args.grad_steps=1",
+    ],
 }
 
 
@@ -157,6 +181,7 @@ def tiny_overrides(config: Path, toy: Path) -> list[str]:
     model_args = (data.get("model") or {}).get("init_args") or {}
     if "preset" in model_args:
         args.append("--model.init_args.preset=tiny")
+    args += MODEL_OVERRIDES.get((data.get("model") or {}).get("class_path"), [])
     data_class = (data.get("data") or {}).get("class_path")
     if data_class:
         args += DATA_OVERRIDES[data_class](toy)

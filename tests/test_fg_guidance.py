@@ -1,0 +1,271 @@
+"""Fine-grained guidance generator: the DDIM cycle, LoRA-only gradients, encoders, batches, and a tiny fit."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler
+from torch.utils.data import DataLoader
+
+from common.errors import ConfigError
+from projects.fg_guidance.captioning import caption_fidelity, token_f1
+from projects.fg_guidance.cycle import FineGrainedGenerator, check_steps
+from projects.fg_guidance.data import FineGrainedPairs, SubclassBatchSampler
+from projects.fg_guidance.encoders import patch_coverage, phrase_pairs
+from projects.fg_guidance.losses import LOSS_NAMES, total_loss
+from projects.fg_guidance.module import FineGrainedGuidance
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models are far faster on one thread: with two, OpenMP's synchronisation dominates each small op
+    (and collapses when the 2 cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def generator() -> FineGrainedGenerator:
+    return FineGrainedGenerator(preset="tiny", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def module() -> FineGrainedGuidance:
+    return FineGrainedGuidance(
+        preset="tiny", image_size=32, num_inference_steps=3, grad_steps=1, captioner=None, lr=5e-3
+    )
+
+
+@pytest.fixture(scope="module")
+def pairs(small_toy_world) -> FineGrainedPairs:
+    data = FineGrainedPairs(
+        manifest=str(small_toy_world / "parts" / "manifest.jsonl"), image_size=32, batch_size=4, num_workers=0
+    )
+    data.setup("fit")
+    return data
+
+
+@pytest.fixture(scope="module")
+def batch(pairs) -> dict:
+    return next(iter(pairs.train_dataloader()))
+
+
+# -- the cycle ---------------------------------------------------------------------------------------------------
+
+
+def test_t_smaller_than_k_is_a_clear_error(generator):
+    with pytest.raises(ConfigError, match="T < K"):
+        check_steps(2, 3)
+    with pytest.raises(ConfigError, match="T < K"):
+        generator.cycle(torch.rand(1, 3, 32, 32), ["a valve"], 2, 3)
+    with pytest.raises(ConfigError, match="T < K"):
+        FineGrainedGuidance(preset="tiny", image_size=32, num_inference_steps=2, grad_steps=3, captioner=None)
+
+
+def test_inverse_scheduler_is_built_from_the_samplers_config(generator):
+    inverse = generator.inverse_scheduler
+    assert isinstance(inverse, DDIMInverseScheduler)
+    assert inverse.config.clip_sample is False and inverse.config.set_alpha_to_one is False
+    assert inverse.config.beta_schedule == generator.scheduler.config.beta_schedule
+
+
+def test_only_the_last_k_unet_calls_record_gradients(generator, monkeypatch):
+    from projects.fg_guidance import cycle
+
+    calls: list[bool] = []
+    predict = cycle._predict_noise
+    monkeypatch.setattr(
+        cycle, "_predict_noise", lambda *a: calls.append(torch.is_grad_enabled()) or predict(*a)
+    )
+    inverted: list[bool] = []
+    handle = generator.unet.register_forward_hook(lambda *_: inverted.append(torch.is_grad_enabled()))
+    try:
+        out = generator.cycle(torch.rand(2, 3, 32, 32), ["a brass valve", "a steel valve"], 5, 2)
+    finally:
+        handle.remove()
+    assert inverted[:5] == [False] * 5  # the inversion never records a graph
+    assert calls == [False] * 3 + [True] * 2  # reverse: early steps without, the last K with gradients
+    assert out["noise"].requires_grad is False and out["x_hat"].requires_grad
+    out["x_hat"].mean().backward()
+    assert calls[5:] == [True, True]  # activation checkpointing re-runs the K calls in the backward pass
+    generator.unet.zero_grad(set_to_none=True)
+
+
+def test_gradients_reach_only_the_lora_weights(module, batch):
+    out = module.generator.cycle(batch["image"], batch["caption"], 3, 1)
+    terms, _ = module.loss_terms(batch, out["x_hat"], torch.Generator().manual_seed(0))
+    assert all(bool(torch.isfinite(t)) for t in terms)
+    total_loss(terms, module.gradnorm.lambdas).backward()
+    with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+    assert with_grad, "no gradient reached the generator"
+    assert all("lora_" in name for name in with_grad), sorted(with_grad)[:5]
+    lora_b = [p for n, p in module.named_parameters() if "lora_B" in n]
+    assert sum(float(p.grad.abs().sum()) for p in lora_b) > 0
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {
+        f"generator.unet.{n}" for n, _ in module.generator.unet.named_parameters() if "lora_" in n
+    }
+    module.zero_grad(set_to_none=True)
+
+
+def test_bad_images_and_long_captions_get_clear_handling(generator, caplog):
+    with pytest.raises(ValueError, match=r"RGB batches \(B, 3, H, W\)"):
+        generator.encode(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="not a multiple of the VAE factor"):
+        generator.encode(torch.rand(1, 3, 33, 32))
+    long = "a brass ball valve with " + ", ".join(f"bolt number {i}" for i in range(60))
+    before = generator.truncated_captions
+    with caplog.at_level(logging.WARNING, logger="forgelab.fg_guidance"):
+        cond = generator.encode_text([long, "a valve"])
+    assert cond.shape[1] == 77 and generator.truncated_captions == before + 1
+    assert "truncated" in caplog.text
+
+
+def test_edit_and_save_load_round_trip(generator, tmp_path):
+    images = torch.rand(2, 3, 32, 32)
+    edited = generator.edit(
+        images, ["a valve"] * 2, ["a rusty valve"] * 2, 4, strength=0.5, guidance_scale=2.0
+    )
+    assert edited.shape == images.shape and edited.min() >= 0 and edited.max() <= 1
+    with pytest.raises(ConfigError, match="strength"):
+        generator.edit(images, ["a"] * 2, ["b"] * 2, 4, strength=0.0)
+    with torch.no_grad():
+        for p in generator.lora_parameters():
+            p.add_(0.01)
+    generator.save(tmp_path / "gen", extra={"num_inference_steps": 4})
+    loaded = FineGrainedGenerator.load(tmp_path / "gen")
+    for a, b in zip(generator.lora_parameters(), loaded.lora_parameters()):
+        torch.testing.assert_close(a, b)
+    assert loaded.config["num_inference_steps"] == 4
+    with pytest.raises(ConfigError, match=r"generator\.json"):
+        FineGrainedGenerator.load(tmp_path)
+    with torch.no_grad():
+        for p in generator.lora_parameters():
+            p.sub_(0.01)
+
+
+def test_missing_base_weights_say_how_to_build_them(tmp_path):
+    with pytest.raises(ConfigError, match="toy_diffusion"):
+        FineGrainedGenerator(preset="tiny", image_size=32, base_weights=str(tmp_path / "nowhere"))
+
+
+# -- encoders and captions ---------------------------------------------------------------------------------------
+
+
+def test_phrase_pairs_pool_the_boxed_patches_and_the_phrase_tokens():
+    # 2x2 patch grid on a 32 px image; patch embeddings are the 4 axes, tokens are 5 one-hot rows
+    patches = torch.eye(4)
+    tokens = torch.eye(5)[:, :4].clone()
+    tokens[4] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    caption = "red handle on a body"
+    offsets = [(0, 0), (0, 3), (4, 10), (11, 13), (14, 20)]  # BOS, "red", "handle", "on", ... per token
+    boxes = [[0, 0, 16, 32], [16, 16, 32, 32], [0, 0, 8, 8]]
+    phrases = ["red handle", "body", "missing part"]
+    z, t, used = phrase_pairs(patches, 2, tokens, offsets, caption, boxes, phrases, (32, 32))
+    assert used == ["red handle", "body"]
+    # "red handle" covers the left column (patches 0 and 2) and tokens 1-2
+    torch.testing.assert_close(z[0], torch.tensor([1.0, 0, 1.0, 0]) / 2**0.5)
+    torch.testing.assert_close(t[0], torch.tensor([0, 1.0, 1.0, 0]) / 2**0.5)
+    torch.testing.assert_close(z[1], torch.tensor([0, 0, 0, 1.0]))
+    torch.testing.assert_close(patch_coverage([[0, 0, 8, 16]], (32, 32), 2), torch.tensor([0.5, 0, 0, 0]))
+
+
+def test_token_f1_and_caption_fidelity_by_hand():
+    assert token_f1("a red valve", "a red valve") == 1.0
+    # overlap {a, valve} = 2; precision 2/4, recall 2/3 -> F1 = 4/7
+    assert token_f1("a red valve", "a blue steel valve") == pytest.approx(4 / 7)
+    assert token_f1("a valve", "") == 0.0
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0], [1.0, 1.0]]), dim=-1)
+    scores = caption_fidelity(["a", "b"], ["a", "c"], emb)
+    assert scores["clip_cosine"] == pytest.approx((1 + 2**-0.5) / 2)
+
+
+# -- batches -----------------------------------------------------------------------------------------------------
+
+
+def test_subclass_batches_hold_positive_and_negative_pairs():
+    labels = [0] * 5 + [1] * 5 + [2] * 1
+    sampler = SubclassBatchSampler(labels, subclasses_per_batch=2, images_per_subclass=2, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 11 // 4
+    for b in batches:
+        groups = [labels[i] for i in b]
+        assert len(set(groups)) == 2 and len(set(b)) == len(b)
+    assert batches == list(SubclassBatchSampler(labels, 2, 2, seed=3))
+
+
+def test_single_image_subclasses_warn_and_all_singles_fail(tmp_path, caplog):
+    from tests.conftest import write_rgb
+
+    def manifest(rows):
+        path = tmp_path / f"m{len(rows)}.jsonl"
+        lines = []
+        for i, sub in enumerate(rows):
+            write_rgb(tmp_path / f"{sub}_{i}.png", size=(40, 40), seed=i)
+            lines.append(
+                f'{{"path": "{sub}_{i}.png", "caption": "a {sub} valve", "subclass": "{sub}", "split": "train"}}'
+            )
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
+    data = FineGrainedPairs(manifest=manifest(["a", "a", "b"]), image_size=32, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="forgelab.fg_guidance"):
+        data.setup("fit")
+    assert data.single_image_subclasses == ["b"] and "single training image" in caplog.text
+    with pytest.raises(ConfigError, match="needs at least one subclass with two images"):
+        FineGrainedPairs(manifest=manifest(["a", "b"]), image_size=32, num_workers=0).setup("fit")
+
+
+# -- the LightningModule -----------------------------------------------------------------------------------------
+
+
+def test_a_tiny_fit_decreases_the_total_loss(pairs, tmp_path):
+    # Random tiny weights give small, saturated gradients: Adam's sign-like first steps need a small lr here.
+    torch.manual_seed(0)
+    model = FineGrainedGuidance(
+        preset="tiny",
+        image_size=32,
+        num_inference_steps=3,
+        grad_steps=1,
+        captioner=None,
+        lr=3e-4,
+        gradnorm=False,
+        max_grad_norm=None,
+    )
+    fixed = next(iter(pairs.val_dataloader()))
+
+    def loss_on_fixed_batch() -> float:
+        with torch.no_grad():
+            out = model.generator.cycle(fixed["image"], fixed["caption"], 3, 0)
+            terms, _ = model.loss_terms(fixed, out["x_hat"], torch.Generator().manual_seed(0))
+        return float(total_loss(terms, model.initial_lambdas))
+
+    before = loss_on_fixed_batch()
+    trainer = L.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+    # train on the batch we measure (batch_size=None: the loader yields the ready-made batch as it is)
+    trainer.fit(model, train_dataloaders=DataLoader([fixed] * 10, batch_size=None))
+    after = loss_on_fixed_batch()
+    assert after < before, (before, after)
+    assert (tmp_path / "generator" / "lora.safetensors").is_file()
+    assert (tmp_path / "lambdas.csv").read_text().count("\n") == 11
+    assert LOSS_NAMES == ("contrast", "detail", "temporal", "env")
+
+
+def test_image_size_mismatch_between_model_and_data_is_a_config_error(pairs):
+    model = FineGrainedGuidance(preset="tiny", image_size=64, num_inference_steps=2, captioner=None)
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=1, enable_progress_bar=False)
+    with pytest.raises(ConfigError, match="image_size"):
+        trainer.fit(model, datamodule=pairs)
