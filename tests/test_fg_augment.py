@@ -205,7 +205,7 @@ def test_forgelab_fit_of_the_tiny_config_logs_lambdas_grids_and_exports_the_gene
     run = tmp_path / "fg_guidance" / "fg"
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {f"train/lambda_{n}" for n in ("contrast", "detail", "temporal", "env")} <= set(header)
-    assert {"train/contrast", "val/loss", "val/caption_token_f1"} <= set(header)
+    assert {"train/contrast", "val/loss", "val/loss_paper", "val/caption_token_f1"} <= set(header)
     assert (run / "lambdas.csv").read_text().count("\n") == 3
     assert (run / "plots" / "val_samples.png").is_file() and (run / "plots" / "train_lambdas.png").is_file()
     captions = json.loads((run / "captions" / "epoch000.json").read_text())

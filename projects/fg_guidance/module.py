@@ -16,7 +16,9 @@ One training step (the LightningModule only orchestrates; the maths is in losses
 
 Validation runs the cycle without gradients, re-captions x_hat with the frozen captioner (c_hat), and logs the
 caption fidelity, the cycle's reconstruction error and a grid of x / x_hat / x' / A_e(x_hat) with c and c_hat.
-``val/loss`` is Eq. 1 with the INITIAL lambdas, so epochs are comparable while GradNorm moves the weights.
+``val/loss`` is Eq. 1 with the INITIAL lambdas, so epochs are comparable while GradNorm moves the weights;
+``val/loss_paper`` is Eq. 1 with the paper's starting lambdas (PAPER_LAMBDAS), one scale for every run, so
+sweeps over the starting lambdas compare trials on it.
 At the end of fit the generator (LoRA weights + how to rebuild it) is exported to ``<run>/generator/`` for
 `forgelab augment`, and the lambdas over time are written to ``lambdas.csv`` and plotted.
 """
@@ -322,7 +324,10 @@ class FineGrainedGuidance(L.LightningModule):
         out = self.generator.cycle(batch["image"], batch["caption"], hp.num_inference_steps, 0)
         terms, aux = self.loss_terms(batch, out["x_hat"], self._step_generator("val"))
         size = len(batch["caption"])
-        values = {"val/loss": total_loss(terms, self.initial_lambdas)}
+        values = {
+            "val/loss": total_loss(terms, self.initial_lambdas),
+            "val/loss_paper": total_loss(terms, terms.new_tensor(PAPER_LAMBDAS)),
+        }
         for i, name in enumerate(LOSS_NAMES):
             values[f"val/{name}"] = terms[i]
         values["val/cycle_latent_error"] = _relative_error(out["latents_hat"], out["latents"])
