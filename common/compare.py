@@ -174,7 +174,13 @@ def load_run_dir(path: str | Path) -> RunRecord:
         test_report=report,
         group=record.get("group", config.get("run.group")),
         path=str(path),
+        state=_state_of(record.get("outcome", "")),
     )
+
+
+def _state_of(outcome: str) -> str:
+    """A run.json outcome in the words of sweep states: finished, failed, interrupted (empty when unknown)."""
+    return "finished" if outcome == "completed" else outcome.split(":")[0]
 
 
 def load_sweep_dir(path: str | Path) -> tuple[list[RunRecord], dict[str, Any]]:

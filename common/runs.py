@@ -2,7 +2,7 @@
 
 Every run owns `runs/<project>/<name>/`:
     config.yaml        the full resolved config (re-runnable with `forgelab fit --config config.yaml`)
-    run.json           name, project, group, W&B id, seed, command line, git commit
+    run.json           name, project, group, W&B id, seed, command lines, git commit, outcome of each invocation
     metrics.csv        everything logged (CSVLogger)
     checkpoints/       last.ckpt and the best checkpoint by the model's validation monitor
     wandb/             the W&B run files (offline runs sync later with `wandb sync`)

@@ -39,18 +39,44 @@ class ForgelabCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         self.run_dir: Path | None = None
         self.settings = RunSettings()
-        super().__init__(
-            model_class=L.LightningModule,
-            datamodule_class=L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=RunConfigCallback,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=True,
-            parser_kwargs={"default_env": False},
-            args=list(args) if args is not None else None,
-            run=run,
-        )
+        try:
+            super().__init__(
+                model_class=L.LightningModule,
+                datamodule_class=L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_callback=RunConfigCallback,
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=True,
+                parser_kwargs={"default_env": False},
+                args=list(args) if args is not None else None,
+                run=run,
+            )
+        except SystemExit as err:
+            # Lightning handles Ctrl-C by marking the trainer interrupted and exiting with status 1
+            if getattr(getattr(self, "trainer", None), "interrupted", False):
+                self._record_outcome("interrupted")
+            elif err.code:
+                self._record_outcome(run_outcome(err))
+            raise
+        except BaseException as err:  # Lightning marks the trainer interrupted for any error: not a Ctrl-C
+            self._record_outcome(run_outcome(err))
+            raise
+        if run:
+            trainer = getattr(self, "trainer", None)
+            self._record_outcome("interrupted" if getattr(trainer, "interrupted", False) else "completed")
+
+    def _record_outcome(self, outcome: str) -> None:
+        """Close this invocation's entry in run.json with how it ended, so a run directory left by a failed or
+        interrupted run says so (and `forgelab compare` shows it)."""
+        if self.run_dir is None or _global_rank() != 0 or not hasattr(self, "run_record"):
+            return
+        self.run_record["invocations"][-1]["outcome"] = outcome
+        self.run_record["outcome"] = outcome
+        try:
+            write_json(self.run_dir / "run.json", self.run_record)
+        except OSError as err:  # never hide the run's own error behind this one
+            log.warning("could not record the run's outcome in %s: %s", self.run_dir, err)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunSettings, "run")
@@ -125,6 +151,14 @@ class ForgelabCLI(LightningCLI):
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
         if trainer.is_global_zero:
             print(f"forgelab: run files in {self.run_dir}", file=sys.stderr)
+
+
+def run_outcome(err: BaseException) -> str:
+    """`failed: <type>: <first line of the message>` (or `interrupted` for Ctrl-C), for run.json."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"failed: {type(err).__name__}" + (f": {message[:300]}" if message else "")
 
 
 def _user_error_in_chain(err: BaseException) -> BaseException | None:

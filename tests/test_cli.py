@@ -153,6 +153,7 @@ def test_fit_writes_a_complete_run_directory_and_tests_the_best_checkpoint(small
     assert config["seed_everything"] == 7 and config["model"]["init_args"]["preset"] == "tiny"
     record = json.loads((run / "run.json").read_text())
     assert record["seed"] == 7 and record["project"] == "inpaint_probe" and record["group"] == "tiny"
+    assert record["outcome"] == record["invocations"][-1]["outcome"] == "completed"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert any(r.get("val/loss") for r in rows) and any(r.get("train/loss_epoch") for r in rows)
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -194,6 +195,7 @@ def test_resume_from_checkpoint_continues_the_same_run(small_toy_world, tmp_path
     assert second["epoch"] > first["epoch"] and second["global_step"] == 2 * first["global_step"]
     record = json.loads((run / "run.json").read_text())
     assert [i["resumed"] for i in record["invocations"]] == [False, True]
+    assert [i["outcome"] for i in record["invocations"]] == ["completed", "completed"]
     epochs = {r["epoch"] for r in csv.DictReader((run / "metrics.csv").open())}
     assert {"0", "1"} <= epochs  # the CSV continues instead of starting over
     assert (run / "config.resume1.yaml").is_file()
@@ -233,6 +235,8 @@ def test_bad_config_values_are_one_clear_line(small_toy_world, tmp_path, overrid
     code, _, err = run_cli(_fit_args(small_toy_world, tmp_path, override, "--trainer.fast_dev_run=true"))
     assert code == 2
     assert message in err and "Traceback" not in err
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/*/run.json")]
+    assert record["outcome"].startswith("failed: ") and message in record["outcome"]  # the leftover says why
 
 
 def test_unavailable_pretrained_weights_are_one_clear_line(small_toy_world, tmp_path, monkeypatch):

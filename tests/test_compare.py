@@ -20,6 +20,7 @@ from common.compare import (
     record_from_wandb_run,
     render_table_spec,
 )
+from common.trainer_cli import run_outcome
 from tests.cli_helpers import CONFIGS, run_cli
 
 TABLE3 = CONFIGS / "inpaint_probe" / "tables" / "table3.yaml"
@@ -130,6 +131,41 @@ def test_table_shows_differing_config_best_and_final_metric_and_test_means(three
     assert [r[:2] for r in generators[1]] == [["convnext", g] for g in ("toy_gan", "toy_ldm", "mean")] + [
         ["vgg", g] for g in ("toy_gan", "toy_ldm", "mean")
     ]
+
+
+def test_run_outcomes_show_as_states_and_failed_runs_leave_the_paper_tables(three_runs):
+    record = json.loads((three_runs / "vgg" / "run.json").read_text())
+    (three_runs / "vgg" / "run.json").write_text(json.dumps(record | {"outcome": "completed"}))
+    record = json.loads((three_runs / "convnext" / "run.json").read_text())
+    failed = record | {"outcome": "failed: RuntimeError: CUDA out of memory"}
+    (three_runs / "convnext" / "run.json").write_text(json.dumps(failed))
+    records = [r for r in collect([three_runs])[0] if r.group == "table3"]
+    assert {r.name: r.state for r in records} == {"vgg": "finished", "convnext": "failed"}
+    header, rows = Comparison.build(records, []).main_table()
+    assert header[1] == "state" and {row[0]: row[1] for row in rows} == {
+        "vgg": "finished",
+        "convnext": "failed",
+    }
+    code, _, err = run_cli(
+        [
+            "compare",
+            str(three_runs),
+            "--group",
+            "table3",
+            "--table",
+            str(TABLE3),
+            "--out",
+            str(three_runs / "t3"),
+        ]
+    )
+    assert code == 0, err
+    lines = [
+        line for line in (three_runs / "t3" / "table3.md").read_text().splitlines() if line.startswith("|")
+    ]
+    rows = [line.split("|")[1].strip() for line in lines[2:]]
+    assert rows == ["VGG-16"]  # the failed ConvNeXt-XL run is not a row
+    assert run_outcome(KeyboardInterrupt()) == "interrupted"
+    assert run_outcome(ValueError("lr must be positive\nmore")) == "failed: ValueError: lr must be positive"
 
 
 def test_compare_command_writes_markdown_csv_and_plots(three_runs, tmp_path):
