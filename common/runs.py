@@ -13,6 +13,7 @@ same W&B run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -24,6 +25,7 @@ import secrets
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,6 +313,40 @@ class DataHealthCallback(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
             self._report(trainer)
+
+
+def run_outcome(err: BaseException) -> str:
+    """`failed: <type>: <first line of the message>` (or `interrupted` for Ctrl-C), for run.json."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"failed: {type(err).__name__}" + (f": {message[:300]}" if message else "")
+
+
+def record_outcome(run_dir: Path, record: dict[str, Any], outcome: str) -> None:
+    """Close the record's last invocation with how it ended (`completed`, `interrupted`, `failed: ...`) and
+    rewrite run.json, so a run directory left by a failed run says so (`forgelab compare` shows it)."""
+    record["invocations"][-1]["outcome"] = outcome
+    record["outcome"] = outcome
+    try:
+        write_json(run_dir / "run.json", record)
+    except OSError as err:  # never hide the run's own error behind this one
+        log.warning("could not record the run's outcome in %s: %s", run_dir, err)
+
+
+@contextlib.contextmanager
+def recording_outcome(run_dir: Path, record: dict[str, Any]) -> Iterator[None]:
+    """`record_outcome` for the block: `completed` if it returns, the error (re-raised) if it raises."""
+    try:
+        yield
+    except SystemExit as err:
+        if err.code:
+            record_outcome(run_dir, record, run_outcome(err))
+        raise
+    except BaseException as err:
+        record_outcome(run_dir, record, run_outcome(err))
+        raise
+    record_outcome(run_dir, record, "completed")
 
 
 def start_run_record(

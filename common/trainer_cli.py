@@ -25,7 +25,9 @@ from common.runs import (
     RunConfigCallback,
     RunSettings,
     build_loggers,
+    record_outcome,
     resolve_run_dir,
+    run_outcome,
     start_run_record,
 )
 
@@ -67,16 +69,8 @@ class ForgelabCLI(LightningCLI):
             self._record_outcome("interrupted" if getattr(trainer, "interrupted", False) else "completed")
 
     def _record_outcome(self, outcome: str) -> None:
-        """Close this invocation's entry in run.json with how it ended, so a run directory left by a failed or
-        interrupted run says so (and `forgelab compare` shows it)."""
-        if self.run_dir is None or _global_rank() != 0 or not hasattr(self, "run_record"):
-            return
-        self.run_record["invocations"][-1]["outcome"] = outcome
-        self.run_record["outcome"] = outcome
-        try:
-            write_json(self.run_dir / "run.json", self.run_record)
-        except OSError as err:  # never hide the run's own error behind this one
-            log.warning("could not record the run's outcome in %s: %s", self.run_dir, err)
+        if self.run_dir is not None and _global_rank() == 0 and hasattr(self, "run_record"):
+            record_outcome(self.run_dir, self.run_record, outcome)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunSettings, "run")
@@ -151,14 +145,6 @@ class ForgelabCLI(LightningCLI):
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
         if trainer.is_global_zero:
             print(f"forgelab: run files in {self.run_dir}", file=sys.stderr)
-
-
-def run_outcome(err: BaseException) -> str:
-    """`failed: <type>: <first line of the message>` (or `interrupted` for Ctrl-C), for run.json."""
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted"
-    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"failed: {type(err).__name__}" + (f": {message[:300]}" if message else "")
 
 
 def _user_error_in_chain(err: BaseException) -> BaseException | None:

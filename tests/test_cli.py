@@ -128,7 +128,8 @@ def test_every_command_config_prints_and_runs_on_tiny_presets(
     code, _out, err = run_cli([command, "--config", str(config), *overrides, f"--run.root={tmp_path}"])
     assert code == 0, err
     (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
-    assert (run / "run.json").is_file() and (run / "report.json").is_file()
+    assert (run / "report.json").is_file()
+    assert json.loads((run / "run.json").read_text())["outcome"] == "completed"
 
 
 @pytest.mark.parametrize("config", experiment_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))

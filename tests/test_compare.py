@@ -20,7 +20,7 @@ from common.compare import (
     record_from_wandb_run,
     render_table_spec,
 )
-from common.trainer_cli import run_outcome
+from common.runs import recording_outcome, run_outcome
 from tests.cli_helpers import CONFIGS, run_cli
 
 TABLE3 = CONFIGS / "inpaint_probe" / "tables" / "table3.yaml"
@@ -166,6 +166,19 @@ def test_run_outcomes_show_as_states_and_failed_runs_leave_the_paper_tables(thre
     assert rows == ["VGG-16"]  # the failed ConvNeXt-XL run is not a row
     assert run_outcome(KeyboardInterrupt()) == "interrupted"
     assert run_outcome(ValueError("lr must be positive\nmore")) == "failed: ValueError: lr must be positive"
+
+
+def test_recording_outcome_closes_the_invocation_and_keeps_the_error(tmp_path):
+    record = {"name": "r", "invocations": [{"argv": ["fit"]}]}
+    with recording_outcome(tmp_path, record):
+        pass
+    assert json.loads((tmp_path / "run.json").read_text())["invocations"][0]["outcome"] == "completed"
+    record["invocations"].append({"argv": ["fit", "--resume"]})
+    with pytest.raises(RuntimeError, match="disk full"), recording_outcome(tmp_path, record):
+        raise RuntimeError("disk full")
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert [i["outcome"] for i in written["invocations"]] == ["completed", "failed: RuntimeError: disk full"]
+    assert written["outcome"] == "failed: RuntimeError: disk full"
 
 
 def test_compare_command_writes_markdown_csv_and_plots(three_runs, tmp_path):

@@ -317,6 +317,9 @@ def test_extract_then_fit_on_the_cache_then_predict_with_captions(small_toy_worl
     code, out, err = run_cli(["extract", *item_args(TINY, small_toy_world, cache, runs, FIG4_GRID)])
     assert code == 0, err
     (extract_run,) = (tmp_path / "runs" / "item_detector").glob("extract-*")
+    assert json.loads((extract_run / "run.json").read_text())["outcome"] == "completed"
+    (refused,) = [p for p in (tmp_path / "runs" / "item_detector").iterdir() if p != extract_run]
+    assert "forgelab extract" in json.loads((refused / "run.json").read_text())["outcome"]
     report = json.loads((extract_run / "extract_report.json").read_text())
     conditions = {f"test/{spec}" for spec in robustness_specs()}  # tiny.yaml tests the whole Fig. 4 grid
     assert {"train/none", "val/none"} | conditions <= set(report["extraction"])

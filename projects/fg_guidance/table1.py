@@ -28,7 +28,7 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.io import write_json
-from common.runs import RunSettings, build_loggers, start_run_record
+from common.runs import RunSettings, build_loggers, record_outcome, start_run_record
 
 log = logging.getLogger("forgelab.fg_guidance")
 
@@ -169,5 +169,6 @@ def main(argv: list[str]) -> None:
     log_table(_Reporter(table_dir, loggers), "table1", COLUMNS, rows, markdown=markdown)
     for logger in loggers:
         logger.finalize("success")
+    record_outcome(table_dir, record, "completed")
     print(markdown)
     print(f"fg-table1: {table_dir / 'table1.csv'}")

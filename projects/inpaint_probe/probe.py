@@ -40,7 +40,14 @@ from PIL import Image
 from common.errors import ConfigError
 from common.io import save_image, write_csv, write_json, write_text
 from common.reporting import log_figure, log_pil, log_table
-from common.runs import RunSettings, build_loggers, flatten_config, resolve_run_dir, start_run_record
+from common.runs import (
+    RunSettings,
+    build_loggers,
+    flatten_config,
+    recording_outcome,
+    resolve_run_dir,
+    start_run_record,
+)
 from projects.inpaint_probe.data import FitMode, fit_image, index_images
 from projects.inpaint_probe.fid import (
     FeatureMode,
@@ -360,6 +367,15 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
     record = start_run_record(run_dir, settings, resumed, config.mask_seed, list(argv))
     write_json(run_dir / "run.json", record)
     write_text(run_dir / "config.yaml", config_text)
+    with recording_outcome(run_dir, record):
+        _probe(config, settings, run_dir, record, device)
+    print(f"forgelab: run files in {run_dir}", file=sys.stderr)
+    return run_dir
+
+
+def _probe(
+    config: ProbeConfig, settings: RunSettings, run_dir: Path, record: dict[str, Any], device: torch.device
+) -> None:
     reporter = Reporter(str(run_dir), build_loggers(settings, run_dir, record) if settings.wandb else [])
     for logger in reporter.loggers:
         logger.log_hyperparams(flatten_config({"probe": asdict(config)}))
@@ -457,8 +473,6 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
         logger.finalize("success")
     if skips.counts:
         print(f"forgelab probe: skipped or adjusted {skips.counts} (see data_health.json)", file=sys.stderr)
-    print(f"forgelab: run files in {run_dir}", file=sys.stderr)
-    return run_dir
 
 
 @dataclass

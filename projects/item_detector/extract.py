@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,7 +23,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from common.errors import ConfigError
 from common.io import write_json
-from common.runs import RunSettings, resolve_run_dir, start_run_record
+from common.runs import RunSettings, recording_outcome, resolve_run_dir, start_run_record
 from projects.item_detector.data import ItemFeatures
 
 
@@ -63,12 +64,17 @@ def main(argv: list[str]) -> None:
     )
     run_dir, _ = resolve_run_dir(settings, "extract", None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "run.json", start_run_record(run_dir, settings, False, None, ["extract", *argv]))
+    record = start_run_record(run_dir, settings, False, None, ["extract", *argv])
+    write_json(run_dir / "run.json", record)
+    with recording_outcome(run_dir, record):
+        _extract(datamodule, config.splits, run_dir)
 
+
+def _extract(datamodule: ItemFeatures, splits: list[str], run_dir: Path) -> None:
     datamodule.extract_missing = True
     datamodule.prepare_data()
     datamodule._index()
-    for split in config.splits:
+    for split in splits:
         if split not in datamodule.samples:
             continue
         for condition in datamodule.conditions(split):
