@@ -316,9 +316,12 @@ class DataHealthCallback(Callback):
 
 
 def run_outcome(err: BaseException) -> str:
-    """`failed: <type>: <first line of the message>` (or `interrupted` for Ctrl-C), for run.json."""
+    """How an exception ended a run, for run.json: `interrupted` for Ctrl-C, `completed` for a clean
+    `SystemExit` (status 0), else `failed: <type>: <first line of the message>`."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(err, SystemExit) and not err.code:
+        return "completed"
     message = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"failed: {type(err).__name__}" + (f": {message[:300]}" if message else "")
 
@@ -339,10 +342,6 @@ def recording_outcome(run_dir: Path, record: dict[str, Any]) -> Iterator[None]:
     """`record_outcome` for the block: `completed` if it returns, the error (re-raised) if it raises."""
     try:
         yield
-    except SystemExit as err:
-        if err.code:
-            record_outcome(run_dir, record, run_outcome(err))
-        raise
     except BaseException as err:
         record_outcome(run_dir, record, run_outcome(err))
         raise

@@ -54,19 +54,17 @@ class ForgelabCLI(LightningCLI):
                 args=list(args) if args is not None else None,
                 run=run,
             )
-        except SystemExit as err:
-            # Lightning handles Ctrl-C by marking the trainer interrupted and exiting with status 1
-            if getattr(getattr(self, "trainer", None), "interrupted", False):
-                self._record_outcome("interrupted")
-            elif err.code:
-                self._record_outcome(run_outcome(err))
-            raise
-        except BaseException as err:  # Lightning marks the trainer interrupted for any error: not a Ctrl-C
-            self._record_outcome(run_outcome(err))
+        except BaseException as err:
+            # Lightning marks the trainer interrupted for any error, and handles Ctrl-C by exiting with status 1:
+            # only that exit is an interruption
+            ctrl_c = isinstance(err, SystemExit) and self._trainer_interrupted()
+            self._record_outcome("interrupted" if ctrl_c else run_outcome(err))
             raise
         if run:
-            trainer = getattr(self, "trainer", None)
-            self._record_outcome("interrupted" if getattr(trainer, "interrupted", False) else "completed")
+            self._record_outcome("interrupted" if self._trainer_interrupted() else "completed")
+
+    def _trainer_interrupted(self) -> bool:
+        return bool(getattr(getattr(self, "trainer", None), "interrupted", False))
 
     def _record_outcome(self, outcome: str) -> None:
         if self.run_dir is not None and _global_rank() == 0 and hasattr(self, "run_record"):

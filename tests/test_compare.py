@@ -166,6 +166,7 @@ def test_run_outcomes_show_as_states_and_failed_runs_leave_the_paper_tables(thre
     assert rows == ["VGG-16"]  # the failed ConvNeXt-XL run is not a row
     assert run_outcome(KeyboardInterrupt()) == "interrupted"
     assert run_outcome(ValueError("lr must be positive\nmore")) == "failed: ValueError: lr must be positive"
+    assert run_outcome(SystemExit(0)) == "completed" and run_outcome(SystemExit(2)) == "failed: SystemExit: 2"
 
 
 def test_recording_outcome_closes_the_invocation_and_keeps_the_error(tmp_path):

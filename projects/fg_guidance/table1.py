@@ -28,7 +28,7 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.io import write_json
-from common.runs import RunSettings, build_loggers, record_outcome, start_run_record
+from common.runs import RunSettings, build_loggers, recording_outcome, start_run_record
 
 log = logging.getLogger("forgelab.fg_guidance")
 
@@ -162,13 +162,13 @@ def main(argv: list[str]) -> None:
     write_json(
         table_dir / "runs.json", {"augmented": str(augmented), "cost_ms_per_image": cost, "runs": runs}
     )
-    loggers = build_loggers(settings, table_dir, record) if args.wandb else []
     from common.reporting import log_table
 
     markdown = markdown_table(COLUMNS, rows)
-    log_table(_Reporter(table_dir, loggers), "table1", COLUMNS, rows, markdown=markdown)
-    for logger in loggers:
-        logger.finalize("success")
-    record_outcome(table_dir, record, "completed")
+    with recording_outcome(table_dir, record):
+        loggers = build_loggers(settings, table_dir, record) if args.wandb else []
+        log_table(_Reporter(table_dir, loggers), "table1", COLUMNS, rows, markdown=markdown)
+        for logger in loggers:
+            logger.finalize("success")
     print(markdown)
     print(f"fg-table1: {table_dir / 'table1.csv'}")
