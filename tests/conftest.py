@@ -89,3 +89,31 @@ def tiny_inpainter_checkpoints(
         assert code == 0, err
         checkpoints[kind] = root / "inpaint_probe" / kind / "checkpoints" / "last.ckpt"
     return checkpoints
+
+
+@pytest.fixture(scope="session")
+def hub_cache() -> Path:
+    """The hub-shaped cache of small random-weight checkpoints under the registry's ids (tests/hub_cache.py)."""
+    from tests.hub_cache import hub_cache as build
+
+    return build("light")
+
+
+@pytest.fixture(scope="session")
+def hub_cache_full() -> Path:
+    """The light cache plus the real timm architectures and open_clip's CLIP RN50 (slow tests)."""
+    from tests.hub_cache import hub_cache as build
+
+    return build("full")
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch):
+    """Point the Hugging Face cache at a fixture cache, offline: `offline_hub(cache)`."""
+
+    def use(cache: Path) -> Path:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        return cache
+
+    return use

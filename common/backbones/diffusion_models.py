@@ -29,10 +29,12 @@ from common.backbones.presets import (
     pretrained_unavailable,
     seeded,
 )
+from common.backbones.registry import default_id
 from common.backbones.tokenizers import local_clip_tokenizer
 
-DEFAULT_TEXT2IMG_ID = "stabilityai/stable-diffusion-2-1-base"
-DEFAULT_INPAINTING_ID = "stabilityai/stable-diffusion-2-inpainting"
+# Community mirrors of Stability AI's deleted SD 2 repos (see common/backbones/registry.py).
+DEFAULT_TEXT2IMG_ID = default_id("sd.text2img")
+DEFAULT_INPAINTING_ID = default_id("sd.inpainting")
 # The inpainting UNet sees the noisy latents (4), the mask (1) and the masked image's latents (4).
 INPAINTING_IN_CHANNELS = 9
 
@@ -57,10 +59,12 @@ def create_diffusion_components(
     preset: Preset = "pretrained",
     inpainting: bool = False,
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ) -> DiffusionComponents:
     """Load Stable Diffusion's parts with a DDIM scheduler.
 
-    ``model_id`` defaults to SD 2.1-base, or SD 2 inpainting (9-channel UNet) when ``inpainting`` is set.
+    ``model_id`` defaults to SD 2.1-base, or SD 2 inpainting (9-channel UNet) when ``inpainting`` is set (the
+    registry's community mirrors); ``revision`` pins a commit of the repo.
     ``pretrained`` loads the weights; ``random`` builds each part from the id's configs with random weights;
     ``tiny`` builds small parts offline with seeded weights (32x32 images, 16x16 latents). Models are returned in
     eval mode; ``dtype`` (e.g. ``torch.float16`` on a GPU) applies to the pretrained and random presets.
@@ -71,7 +75,7 @@ def create_diffusion_components(
     if preset == "tiny":
         components = _tiny_components(model_id, inpainting)
     else:
-        components = _hub_components(model_id, preset, inpainting, dtype)
+        components = _hub_components(model_id, preset, inpainting, dtype, revision)
     if inpainting and components.unet.config.in_channels != INPAINTING_IN_CHANNELS:
         raise ValueError(
             f"{model_id!r} has a {components.unet.config.in_channels}-channel UNet; inpainting needs "
@@ -83,9 +87,9 @@ def create_diffusion_components(
 
 
 def _hub_components(
-    model_id: str, preset: Preset, inpainting: bool, dtype: torch.dtype | None
+    model_id: str, preset: Preset, inpainting: bool, dtype: torch.dtype | None, revision: str | None
 ) -> DiffusionComponents:
-    hub = hub_kwargs()
+    hub = hub_kwargs(model_id, revision)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **hub)
         # Whatever scheduler the repo ships (PNDM for SD 2), sample with DDIM on its betas and prediction type.

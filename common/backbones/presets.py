@@ -52,9 +52,18 @@ def hub_cache_dir() -> Path:
     return Path(hub_constants.HF_HUB_CACHE)
 
 
-def hub_kwargs() -> dict[str, object]:
-    """``from_pretrained`` keyword arguments that honour the current cache and offline settings."""
-    return {"cache_dir": str(hub_cache_dir()), "local_files_only": hub_offline()}
+def hub_kwargs(model_id: str | None = None, revision: str | None = None) -> dict[str, object]:
+    """``from_pretrained`` keyword arguments that honour the current cache and offline settings.
+
+    ``revision`` (a branch, tag or commit) defaults to the registry's pinned revision of ``model_id``, if any.
+    """
+    from common.backbones.registry import default_revision
+
+    kwargs: dict[str, object] = {"cache_dir": str(hub_cache_dir()), "local_files_only": hub_offline()}
+    revision = revision or (default_revision(model_id) if model_id else None)
+    if revision:
+        kwargs["revision"] = revision
+    return kwargs
 
 
 def pretrained_unavailable(

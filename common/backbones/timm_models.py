@@ -29,6 +29,8 @@ from common.backbones.presets import (
     pretrained_unavailable,
     seeded,
 )
+from common.backbones.registry import default_revision
+from common.errors import ConfigError
 
 # The classifiers of ITEM's comparison table; every convnext_*, vgg*, resnet* (timm.models.resnet) and
 # efficientnet_b*/l2 name has a tiny preset too.
@@ -47,6 +49,7 @@ def create_timm_classifier(
     preset: Preset = "pretrained",
     num_classes: int = 2,
     checkpoint_path: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Build the timm classifier ``name`` with a fresh ``num_classes`` head.
@@ -56,13 +59,21 @@ def create_timm_classifier(
     ``tiny`` is the same class with small depths/widths and seeded random weights, offline and fast.
     ``checkpoint_path`` then loads a local state dict (ours, or a Lightning checkpoint of a module holding the
     classifier); with it, ``pretrained`` downloads nothing, since every weight is replaced anyway. The model is
-    returned in train mode, as timm builds it: it is the part that gets trained.
+    returned in train mode, as timm builds it: it is the part that gets trained. ``revision`` pins a commit of
+    the weights' hub repository (default: the registry's pinned revision, if any).
     """
     check_preset(preset)
     if preset == "tiny":
         with seeded():
             model = _create_tiny(name, num_classes=num_classes, **timm_kwargs)
     elif preset == "pretrained" and checkpoint_path is None:
+        revision = revision or default_revision(name)
+        if revision:  # timm reads a revision from the hub id's "@<revision>" suffix
+            pretrained_cfg = timm.models.get_pretrained_cfg(name)
+            hub_id = pretrained_cfg.hf_hub_id if pretrained_cfg is not None else None
+            if not hub_id:
+                raise ConfigError(f"{name!r} has no hub repository, so it cannot take a revision")
+            timm_kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": f"{hub_id.split('@')[0]}@{revision}"}
         try:
             model = timm.create_model(
                 name, pretrained=True, num_classes=num_classes, cache_dir=hub_cache_dir(), **timm_kwargs

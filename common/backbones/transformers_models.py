@@ -52,6 +52,7 @@ from common.backbones.presets import (
     pretrained_unavailable,
     seeded,
 )
+from common.backbones.registry import default_id
 from common.backbones.tokenizers import local_bert_tokenizer, local_clip_tokenizer, local_opt_tokenizer
 
 # Shared by the tiny presets: a 2-layer, 32-wide ViT over 32x32 images (16 patches of 8x8).
@@ -72,17 +73,19 @@ def _load_from_hub(
     model_id: str,
     preset: Preset,
     dtype: torch.dtype | None,
+    revision: str | None = None,
 ) -> tuple[Any, Any]:
     """``pretrained``: weights from the hub id; ``random``: the id's config with random weights.
 
     Any failure to find the files (offline, not cached, wrong id) becomes one PretrainedUnavailableError.
     """
+    hub = hub_kwargs(model_id, revision)
     try:
-        processor = processor_cls.from_pretrained(model_id, **hub_kwargs())
+        processor = processor_cls.from_pretrained(model_id, **hub)
         if preset == "pretrained":
-            model = model_cls.from_pretrained(model_id, dtype=dtype, use_safetensors=True, **hub_kwargs())
+            model = model_cls.from_pretrained(model_id, dtype=dtype, use_safetensors=True, **hub)
         else:
-            config = model_cls.config_class.from_pretrained(model_id, **hub_kwargs())
+            config = model_cls.config_class.from_pretrained(model_id, **hub)
             model = model_cls(config)
             if dtype is not None:
                 model = model.to(dtype)
@@ -107,10 +110,11 @@ def _tiny_clip_text_config(tokenizer: Any, max_positions: int) -> dict[str, Any]
 
 
 def create_clip(
-    model_id: str = "openai/clip-vit-large-patch14",
+    model_id: str = default_id("clip"),
     *,
     preset: Preset = "pretrained",
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ) -> tuple[CLIPModel, CLIPProcessor]:
     """CLIP image/text encoders (ITEM's joint embedding space; ViT-L/14 gives 768-d features).
 
@@ -118,7 +122,7 @@ def create_clip(
     """
     check_preset(preset)
     if preset != "tiny":
-        return _load_from_hub(CLIPModel, CLIPProcessor, model_id, preset, dtype)
+        return _load_from_hub(CLIPModel, CLIPProcessor, model_id, preset, dtype, revision)
 
     tokenizer = local_clip_tokenizer(model_max_length=77)
     config = CLIPConfig(
@@ -178,10 +182,11 @@ def create_open_clip(
 
 
 def create_blip2(
-    model_id: str = "Salesforce/blip2-opt-2.7b",
+    model_id: str = default_id("captioner.blip2"),
     *,
     preset: Preset = "pretrained",
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
     """BLIP-2 captioner (ITEM captions each image once, greedily). The real OPT-2.7b model is ~7.7 GB in fp16.
 
@@ -190,7 +195,9 @@ def create_blip2(
     """
     check_preset(preset)
     if preset != "tiny":
-        return _load_from_hub(Blip2ForConditionalGeneration, Blip2Processor, model_id, preset, dtype)
+        return _load_from_hub(
+            Blip2ForConditionalGeneration, Blip2Processor, model_id, preset, dtype, revision
+        )
 
     tokenizer = local_opt_tokenizer()
     num_query_tokens = 4
@@ -230,15 +237,16 @@ def create_blip2(
 
 
 def create_blip(
-    model_id: str = "Salesforce/blip-image-captioning-large",
+    model_id: str = default_id("captioner.blip"),
     *,
     preset: Preset = "pretrained",
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
     """BLIP captioner, a lighter alternative to BLIP-2. The tiny preset decodes with a local WordPiece tokenizer."""
     check_preset(preset)
     if preset != "tiny":
-        return _load_from_hub(BlipForConditionalGeneration, BlipProcessor, model_id, preset, dtype)
+        return _load_from_hub(BlipForConditionalGeneration, BlipProcessor, model_id, preset, dtype, revision)
 
     tokenizer = local_bert_tokenizer(model_max_length=64)
     # As in Salesforce's BLIP tokenizer: "[DEC]" starts the caption (the model's bos_token_id), "[SEP]" ends it.
@@ -264,10 +272,11 @@ def create_blip(
 
 
 def create_grounding_dino(
-    model_id: str = "IDEA-Research/grounding-dino-tiny",
+    model_id: str = default_id("grounder.grounding_dino"),
     *,
     preset: Preset = "pretrained",
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
     """Grounding DINO open-vocabulary detector (ITEM's GLIP stand-in; prompt: lowercase phrases joined by ". ").
 
@@ -277,7 +286,7 @@ def create_grounding_dino(
     check_preset(preset)
     if preset != "tiny":
         return _load_from_hub(
-            GroundingDinoForObjectDetection, GroundingDinoProcessor, model_id, preset, dtype
+            GroundingDinoForObjectDetection, GroundingDinoProcessor, model_id, preset, dtype, revision
         )
 
     max_text_len = 32
@@ -320,10 +329,11 @@ def create_grounding_dino(
 
 
 def create_owlv2(
-    model_id: str = "google/owlv2-base-patch16-ensemble",
+    model_id: str = default_id("grounder.owlv2"),
     *,
     preset: Preset = "pretrained",
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
     """OWLv2 open-vocabulary detector (queries are noun phrases, at most 16 tokens each).
 
@@ -331,7 +341,7 @@ def create_owlv2(
     """
     check_preset(preset)
     if preset != "tiny":
-        return _load_from_hub(Owlv2ForObjectDetection, Owlv2Processor, model_id, preset, dtype)
+        return _load_from_hub(Owlv2ForObjectDetection, Owlv2Processor, model_id, preset, dtype, revision)
 
     tokenizer = local_clip_tokenizer(model_max_length=16, pad_token="!")
     config = Owlv2Config(
@@ -355,10 +365,11 @@ LLAVA_15_CHAT_TEMPLATE = (
 
 
 def create_llava(
-    model_id: str = "llava-hf/llava-1.5-7b-hf",
+    model_id: str = default_id("captioner.llava"),
     *,
     preset: Preset = "pretrained",
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """LLaVA captioner (ITEM's caption-model ablation, Fig. 7). llava-1.5-7b is ~14 GB in fp16.
 
@@ -369,7 +380,9 @@ def create_llava(
     """
     check_preset(preset)
     if preset != "tiny":
-        return _load_from_hub(LlavaForConditionalGeneration, LlavaProcessor, model_id, preset, dtype)
+        return _load_from_hub(
+            LlavaForConditionalGeneration, LlavaProcessor, model_id, preset, dtype, revision
+        )
 
     tokenizer = local_opt_tokenizer()
     tokenizer.add_tokens(["<image>"], special_tokens=True)

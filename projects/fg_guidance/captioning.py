@@ -19,12 +19,10 @@ from PIL import Image
 from torch import nn
 
 from common.backbones import create_blip, create_blip2
+from common.backbones.registry import default_id
 
 CAPTIONERS = {"blip": create_blip, "blip2": create_blip2}
-DEFAULT_CAPTIONER_IDS = {
-    "blip": "Salesforce/blip-image-captioning-large",
-    "blip2": "Salesforce/blip2-opt-2.7b",
-}
+DEFAULT_CAPTIONER_IDS = {kind: default_id(f"captioner.{kind}") for kind in CAPTIONERS}
 
 
 def _words(text: str) -> list[str]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.backbones import create_clip
+from common.backbones.registry import default_id
 from common.degradations import box_mask
 
 
@@ -47,7 +48,7 @@ class FrozenCLIP(nn.Module):
     Gradients flow through it (to the generated image) but never into its weights.
     """
 
-    def __init__(self, model_id: str = "openai/clip-vit-base-patch16", preset: str = "pretrained") -> None:
+    def __init__(self, model_id: str = default_id("clip.fine_grained"), preset: str = "pretrained") -> None:
         super().__init__()
         model, processor = create_clip(model_id, preset=preset)
         self.model = model.eval().requires_grad_(False)

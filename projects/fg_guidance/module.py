@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
+from common.backbones.registry import default_id
 from common.degradations import ENVIRONMENTS, TEMPORAL, apply_degradation, random_degradation
 from common.errors import ConfigError
 from common.io import write_csv, write_json
@@ -106,7 +107,7 @@ class FineGrainedGuidance(L.LightningModule):
         num_inference_steps: int = 50,
         grad_steps: int = 1,
         activation_checkpointing: bool = True,
-        clip_model_id: str = "openai/clip-vit-base-patch16",
+        clip_model_id: str = default_id("clip.fine_grained"),
         captioner: Literal["blip", "blip2"] | None = "blip",
         captioner_id: str | None = None,
         caption_batches: int = 1,

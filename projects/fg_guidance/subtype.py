@@ -34,6 +34,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from common.backbones import create_clip, create_timm_classifier, timm_data_config
+from common.backbones.registry import default_id
 from common.errors import ConfigError
 from common.io import write_json
 
@@ -197,7 +198,7 @@ class FineLIPClassifier(SubtypeTask):
 
     def __init__(
         self,
-        clip_model_id: str = "openai/clip-vit-base-patch16",
+        clip_model_id: str = default_id("clip.fine_grained"),
         preset: str = "pretrained",
         num_classes: int = 24,
         max_text_tokens: int = 248,

@@ -16,14 +16,13 @@ import torch
 # Factories are looked up on use: importing transformers' model classes costs seconds, and a run on
 # cached features never needs them.
 from common import backbones
+from common.backbones.registry import default_id
 from common.data.samples import DatasetLayoutError, Sample
 
 CaptionerName = Literal["blip2", "blip", "llava", "dataset"]
 
 DEFAULT_CAPTIONERS: dict[str, str] = {
-    "blip2": "Salesforce/blip2-opt-2.7b",
-    "blip": "Salesforce/blip-image-captioning-large",
-    "llava": "llava-hf/llava-1.5-7b-hf",
+    name: default_id(f"captioner.{name}") for name in ("blip2", "blip", "llava")
 }
 _FACTORIES: dict[str, str] = {"blip2": "create_blip2", "blip": "create_blip", "llava": "create_llava"}
 LLAVA_INSTRUCTION = "Please generate a one-sentence caption for the input image."  # ITEM Sec. IV-C
@@ -39,12 +38,14 @@ class CaptionerConfig:
             llava-hf/llava-1.5-7b-hf).
         max_new_tokens: generation length cap (greedy decoding, one caption per image).
         instruction: LLaVA's prompt (the paper's, by default); ignored by the other captioners.
+        revision: hub revision (branch, tag or commit) of model_id; default the registry's pin or main.
     """
 
     name: CaptionerName = "blip2"
     model_id: str | None = None
     max_new_tokens: int = 30
     instruction: str = LLAVA_INSTRUCTION
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in (*DEFAULT_CAPTIONERS, "dataset"):
@@ -64,6 +65,8 @@ class CaptionerConfig:
         out["max_new_tokens"] = self.max_new_tokens
         if self.name == "llava":
             out["instruction"] = self.instruction
+        if self.revision:
+            out["revision"] = self.revision
         return out
 
 
@@ -97,7 +100,9 @@ class GenerativeCaptioner:
     ) -> None:
         self.config = config
         factory: Callable[..., tuple[Any, Any]] = getattr(backbones, _FACTORIES[config.name])
-        model, self.processor = factory(config.resolved_model_id, preset=preset, dtype=dtype)
+        model, self.processor = factory(
+            config.resolved_model_id, preset=preset, dtype=dtype, revision=config.revision
+        )
         self.model = model.to(device=device, dtype=dtype)
         self.device, self.dtype = device, dtype
         self.prompt: str | None = None

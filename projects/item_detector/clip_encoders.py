@@ -18,6 +18,7 @@ from torchvision import transforms as T
 # Factories are looked up on use: importing transformers' model classes costs seconds, and a run on
 # cached features never needs them.
 from common import backbones
+from common.backbones.registry import default_id
 
 ClipLibrary = Literal["transformers", "open_clip"]
 
@@ -30,11 +31,13 @@ class ClipConfig:
         library: transformers (ViT-L/14, ViT-B/16) or open_clip (RN50: Fig. 8).
         model_id: hub id (transformers) or open_clip model name (e.g. RN50).
         pretrained: open_clip weight tag (openai); ignored by transformers.
+        revision: hub revision (branch, tag or commit) of model_id (transformers); default the registry's pin.
     """
 
     library: ClipLibrary = "transformers"
-    model_id: str = "openai/clip-vit-large-patch14"
+    model_id: str = default_id("clip")
     pretrained: str = "openai"
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         if self.library not in ("transformers", "open_clip"):
@@ -44,6 +47,8 @@ class ClipConfig:
         out: dict[str, Any] = {"library": self.library, "model_id": self.model_id}
         if self.library == "open_clip":
             out["pretrained"] = self.pretrained
+        if self.revision:
+            out["revision"] = self.revision
         return out
 
 
@@ -63,7 +68,9 @@ class ClipEncoder:
     ) -> None:
         self.config, self.device, self.dtype, self.batch_size = config, device, dtype, batch_size
         if config.library == "transformers":
-            model, processor = backbones.create_clip(config.model_id, preset=preset, dtype=dtype)
+            model, processor = backbones.create_clip(
+                config.model_id, preset=preset, dtype=dtype, revision=config.revision
+            )
             self.processor = processor
             self.tokenizer = processor.tokenizer
             self.max_tokens = min(

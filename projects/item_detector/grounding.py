@@ -22,13 +22,13 @@ from torchvision.ops import batched_nms
 # Factories are looked up on use: importing transformers' model classes costs seconds, and a run on
 # cached features never needs them.
 from common import backbones
+from common.backbones.registry import default_id
 from common.data.samples import DatasetLayoutError, Sample
 from projects.item_detector.phrases import noun_phrases
 
 GrounderName = Literal["grounding_dino", "owlv2", "dataset", "none"]
 DEFAULT_GROUNDERS: dict[str, str] = {
-    "grounding_dino": "IDEA-Research/grounding-dino-base",
-    "owlv2": "google/owlv2-base-patch16-ensemble",
+    name: default_id(f"grounder.{name}") for name in ("grounding_dino", "owlv2")
 }
 
 
@@ -45,6 +45,7 @@ class GrounderConfig:
         max_objects: objects kept per image, best scores first (n of Eq. 7 is at most this).
         nms_iou: boxes of the same phrase overlapping more than this are one object.
         min_box_size: boxes narrower or shorter than this many pixels (after clipping) are dropped.
+        revision: hub revision (branch, tag or commit) of model_id; default the registry's pin or main.
     """
 
     name: GrounderName = "grounding_dino"
@@ -54,6 +55,7 @@ class GrounderConfig:
     max_objects: int = 8
     nms_iou: float = 0.5
     min_box_size: int = 4
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in (*DEFAULT_GROUNDERS, "dataset", "none"):
@@ -81,6 +83,8 @@ class GrounderConfig:
         if self.name != "dataset":
             out |= {"model_id": self.resolved_model_id, "box_threshold": self.box_threshold}
             out["max_phrases"] = self.max_phrases
+            if self.revision:
+                out["revision"] = self.revision
         out |= {"max_objects": self.max_objects, "nms_iou": self.nms_iou, "min_box_size": self.min_box_size}
         return out
 
@@ -227,7 +231,7 @@ class GroundingDinoGrounder:
     ) -> None:
         self.config = config
         model, self.processor = backbones.create_grounding_dino(
-            config.resolved_model_id, preset=preset, dtype=dtype
+            config.resolved_model_id, preset=preset, dtype=dtype, revision=config.revision
         )
         self.model = model.to(device=device, dtype=dtype)
         self.device, self.dtype = device, dtype
@@ -290,7 +294,9 @@ class Owlv2Grounder:
         self, config: GrounderConfig, preset: str, device: torch.device, dtype: torch.dtype | None
     ) -> None:
         self.config = config
-        model, self.processor = backbones.create_owlv2(config.resolved_model_id, preset=preset, dtype=dtype)
+        model, self.processor = backbones.create_owlv2(
+            config.resolved_model_id, preset=preset, dtype=dtype, revision=config.revision
+        )
         self.model = model.to(device=device, dtype=dtype)
         self.device, self.dtype = device, dtype
 
