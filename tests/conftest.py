@@ -109,11 +109,13 @@ def hub_cache_full() -> Path:
 
 @pytest.fixture
 def offline_hub(monkeypatch: pytest.MonkeyPatch):
-    """Point the Hugging Face cache at a fixture cache, offline: `offline_hub(cache)`."""
+    """Point the Hugging Face cache (and torch hub's folder) at a fixture cache, offline: `offline_hub(cache)`."""
+    from tests.hub_cache import torch_home
 
     def use(cache: Path) -> Path:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setenv("TORCH_HOME", str(torch_home(cache)))
         return cache
 
     return use

@@ -8,6 +8,8 @@ pointing here and `HF_HUB_OFFLINE=1`, `preset: pretrained` runs the exact code a
 
 - transformers and diffusers models: each factory's tiny preset (same class, small config), written with
   `save_pretrained`, processors and tokenizers included;
+- torch-fidelity's Inception-v3 (FID): the real architecture with random weights, in torch hub's checkpoints
+  folder under the fixture's TORCH_HOME (`torch_home/`), where a download would have put it;
 - timm: timm resolves `resnet50.tv_in1k` to the hub repo `timm/resnet50.tv_in1k` and loads its
   `model.safetensors` into the real architecture, so these are the real architectures with random weights
   (stored in fp16; timm copies them into the fp32 model). EfficientNet-B0 is small enough for the fast tier; the
@@ -109,7 +111,31 @@ def _save_open_clip(cache: Path, entry: registry.ModelEntry) -> None:
     )
 
 
+def torch_home(cache: Path) -> Path:
+    """The TORCH_HOME of the fixture: torch hub's checkpoints folder for the files outside the hub."""
+    return cache / "torch_home"
+
+
+def _save_file(cache: Path, entry: registry.ModelEntry) -> None:
+    """torch-fidelity's Inception-v3 (FID) as a state dict of the real architecture with random weights, where
+    torch hub's download would have put it."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    # Build the architecture without the download its constructor starts, then save its (random) weights.
+    with (
+        mock.patch.object(fidelity, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
+        model = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    target = torch_home(cache) / "hub" / "checkpoints" / entry.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), target)
+
+
 _SAVERS: dict[str, Callable[[Path, registry.ModelEntry], None]] = {
+    "file": _save_file,
     "transformers": _save_transformers,
     "diffusers": _save_diffusers,
     "timm": _save_timm,
@@ -122,7 +148,7 @@ def entries(tier: str) -> list[registry.ModelEntry]:
     chosen = []
     for entry in registry.MODELS:
         if (
-            entry.family in ("transformers", "diffusers")
+            entry.family in ("transformers", "diffusers", "file")
             or entry.name in LIGHT_TIMM
             or (tier == "full" and (entry.name in HEAVY_TIMM or entry.family == "open_clip"))
         ):

@@ -94,7 +94,8 @@ def _fit(config: Path, toy: Path, run_root: Path, *extra: str) -> tuple[int, str
 
 def _check_models_came_from_the_fixture(config: Path, cache: Path) -> None:
     """`forgelab weights` on the same config finds every model it needs in the fixture cache."""
-    code, out, err = run_cli(["weights", "--config", str(CPU), "--config", str(config)])
+    trainer = [] if command_of(config) else ["--config", str(CPU)]  # project commands take no trainer preset
+    code, out, err = run_cli(["weights", *trainer, "--config", str(config)])
     assert code == 0, out + err
     assert "MISSING" not in out
     if "load no pretrained weights" not in out:  # e.g. DeepFill v2, trained from scratch (preset random)
@@ -133,7 +134,8 @@ def test_extract_command_reads_the_pretrained_models_from_the_cache(
 
 
 def _probe_pretrained_overrides(config: Path, toy: Path, checkpoints: dict[str, Path]) -> list[str]:
-    """The tiny probe's overrides, except that the diffusion inpainter keeps the config's id and preset."""
+    """The tiny probe's overrides, except that the diffusion inpainter keeps the config's id and preset and FID uses
+    the config's features (torch-fidelity's Inception-v3 from the fixture's torch hub folder)."""
     probe = yaml.safe_load(config.read_text())["probe"]
     inpainters = []
     for spec in probe["inpainters"]:
@@ -143,9 +145,8 @@ def _probe_pretrained_overrides(config: Path, toy: Path, checkpoints: dict[str, 
             spec = {**spec, "checkpoint": str(checkpoints[spec["kind"]])}
         inpainters.append(spec)
     args = COMMAND_OVERRIDES["probe"](config, toy, checkpoints)
-    return [a for a in args if not a.startswith("--probe.inpainters=")] + [
-        f"--probe.inpainters={json.dumps(inpainters)}"
-    ]
+    args = [a for a in args if not a.startswith(("--probe.inpainters=", "--probe.fid.features="))]
+    return [*args, f"--probe.inpainters={json.dumps(inpainters)}"]
 
 
 @pytest.mark.parametrize(
@@ -164,6 +165,8 @@ def test_every_pretrained_command_config_runs_from_the_hub_shaped_cache(
     (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
     report = json.loads((run / "report.json").read_text())
     assert report
+    if yaml.safe_load(config.read_text())["probe"]["fid"]["features"] == "inception":
+        assert "Inception" in json.dumps(report)  # the real FID features, not the substitute
     _check_models_came_from_the_fixture(config, hub_cache)
 
 
