@@ -39,7 +39,6 @@ FAST = {
     "item_detector/item_vitl14.yaml",
     "inpaint_probe/diffusion_inpaint.yaml",
     "inpaint_probe/efficientnet_b0.yaml",
-    "fg_guidance/subtype_finelip.yaml",
 }
 
 
@@ -116,6 +115,7 @@ def test_every_pretrained_config_fits_from_the_hub_shaped_cache(
     _check_models_came_from_the_fixture(config, cache)
 
 
+@pytest.mark.slow
 def test_extract_command_reads_the_pretrained_models_from_the_cache(
     small_toy_world, hub_cache, offline_hub, tmp_path
 ):
@@ -193,3 +193,72 @@ def test_too_large_architectures_build_and_run_one_forward_at_the_paper_size(con
         logits = module(torch.rand(1, 3, size, size))
     assert logits.shape[0] == 1 and torch.isfinite(logits).all()
     assert sum(p.numel() for p in module.parameters()) > 300e6  # the real ConvNeXt-XL, not a small stand-in
+
+
+def _fine_grained_generator_config() -> Path:
+    """The shipped paper-scale generator config (the FineGrainedGuidance module, not the tiny one)."""
+    (config,) = [
+        c
+        for c in experiment_configs()
+        if not _is_tiny(c)
+        and yaml.safe_load(c.read_text())["model"]["class_path"].endswith("FineGrainedGuidance")
+    ]
+    return config
+
+
+@pytest.mark.slow
+def test_fine_grained_pipeline_fit_augment_table1_on_pretrained_weights(
+    small_toy_world, hub_cache_full, offline_hub, tmp_path
+):
+    """Sec. 3-4 and Table 1 on the pretrained path: the generator (SD, CLIP f/g, BLIP from the cache) trains a
+    step and exports; `forgelab augment` reloads it by its saved hub ids; `forgelab fg-table1` trains both
+    subtype classifiers (ResNet-101 from timm's hub layout, FineLIP on CLIP ViT-B/16) with and without it."""
+    cache = offline_hub(hub_cache_full)
+    config = _fine_grained_generator_config()
+    code, _out, err = _fit(
+        config,
+        small_toy_world,
+        tmp_path,
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=1",
+        "--run.name=gen",
+    )
+    assert code == 0, err
+    generator = tmp_path / "fg_guidance" / "gen" / "generator"
+    spec = json.loads(next(generator.glob("*.json")).read_text())
+    assert "pretrained" in json.dumps(spec)  # the exported generator names its base model, not a tiny preset
+    manifest = small_toy_world / "parts" / "manifest.jsonl"
+    augmented = tmp_path / "aug"
+    code, _out, err = run_cli(
+        [
+            "augment",
+            f"--generator={generator}",
+            f"--manifest={manifest}",
+            f"--out={augmented}",
+            "--limit=2",
+            "--steps=2",
+        ]
+    )
+    assert code == 0, err
+    code, out, err = run_cli(
+        [
+            "fg-table1",
+            f"--augmented={augmented / 'manifest.jsonl'}",
+            f"--trainer={CPU}",
+            f"--root={tmp_path}",
+            "--name=table1",
+            "--no-wandb",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+            "--data.init_args.toy_world=null",
+            f"--data.init_args.manifest={manifest}",
+            "--data.init_args.image_size=32",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.num_workers=0",
+        ]
+    )
+    assert code == 0, out + err
+    table = (tmp_path / "fg_guidance" / "table1" / "table1.md").read_text()
+    assert "ResNet-101" in table and "FineLIP" in table
+    _check_models_came_from_the_fixture(config, cache)
