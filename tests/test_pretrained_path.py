@@ -127,10 +127,14 @@ def test_extract_command_reads_the_pretrained_models_from_the_cache(
     overrides = [a for a in overrides if "cache_dir=" not in a] + [
         f"--data.init_args.cache_dir={tmp_path / 'cache'}"
     ]
-    code, _out, err = run_cli(["extract", "--config", str(config), *overrides, "--splits=[train]"])
+    run = json.dumps({"project": "item_detector", "root": str(tmp_path / "runs")})
+    code, _out, err = run_cli(
+        ["extract", "--config", str(config), *overrides, f"--run={run}", "--splits=[train]"]
+    )
     assert code == 0, err
     (manifest,) = (tmp_path / "cache").rglob("manifest.json")
     assert json.loads(manifest.read_text())  # entries were written for the extracted images
+    assert list((tmp_path / "runs" / "item_detector").glob("*/extract_report.json"))
 
 
 def _probe_pretrained_overrides(config: Path, toy: Path, checkpoints: dict[str, Path]) -> list[str]:
