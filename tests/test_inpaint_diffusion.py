@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from common.errors import ConfigError
 from projects.inpaint_probe.diffusion_inpainter import (
+    DiffusionInpainter,
     DiffusionInpaintingFinetune,
     denoising_target,
     inpainting_conditioning,
@@ -133,3 +134,30 @@ def test_bad_settings_are_clear_errors():
         DiffusionInpaintingFinetune(preset="tiny", lora_rank=-1)
     with pytest.raises(ValueError, match="lr"):
         DiffusionInpaintingFinetune(preset="tiny", lr=0.0)
+
+
+def test_guidance_with_an_empty_prompt_is_refused():
+    """Classifier-free guidance with "" as the prompt equals the unconditional prediction: 2x cost, no change."""
+    with pytest.raises(ConfigError, match="empty prompt"):
+        DiffusionInpainter(preset="tiny", prompt="", guidance_scale=7.5, steps=1)
+    DiffusionInpainter(preset="tiny", prompt="a cat", guidance_scale=7.5, steps=1)  # with a prompt it guides
+    assert InpainterSpec(name="sd", kind="diffusion").guidance_scale == 1.0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_inpainter_reads_its_prediction_type_from_the_models_scheduler(prediction_type, tmp_path):
+    """A saved model's scheduler decides (loaded through the same from_pretrained path as a hub id)."""
+    from common.backbones import build_pipeline, create_diffusion_components
+
+    components = create_diffusion_components(preset="tiny", inpainting=True)
+    components.scheduler = DDIMScheduler.from_config(
+        components.scheduler.config, prediction_type=prediction_type
+    )
+    build_pipeline(components, "inpaint").save_pretrained(tmp_path / "sd")
+    inpainter = DiffusionInpainter(str(tmp_path / "sd"), preset="pretrained", steps=1)
+    assert inpainter.prediction_type == prediction_type
+    module = DiffusionInpaintingFinetune(str(tmp_path / "sd"), preset="pretrained", lora_rank=2, steps=1)
+    assert module.prediction_type == prediction_type
+    noise, latents = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    target = denoising_target(module.sampler.components.scheduler, latents, noise, torch.tensor([10]))
+    assert torch.equal(target, noise) == (prediction_type == "epsilon")

@@ -226,3 +226,24 @@ def test_probe_refuses_a_checkpoint_of_another_model(probe_sets, tiny_inpainter_
     wrong = f"--probe.checkpoints.partial_conv={tiny_inpainter_checkpoints['gated_conv']}"
     code, _, err = run_cli(_probe_args(probe_sets, tiny_inpainter_checkpoints, tmp_path, wrong))
     assert code == 2 and "is not a PartialConvInpainter checkpoint" in err
+
+
+def test_probe_loads_a_deepfill_checkpoint_trained_with_preset_pretrained_and_checkpoint_path(tmp_path):
+    """The workflow DeepFill v2's own error recommends (`preset: pretrained` + converted weights as
+    `checkpoint_path`) gives checkpoints the probe must load, wherever the converted file is by then."""
+    from projects.inpaint_probe.inpainters import DeepFillV2Inpainter
+    from projects.inpaint_probe.probe import InpainterSpec, build_inpainter
+
+    converted = tmp_path / "converted.pt"
+    torch.save(DeepFillV2Inpainter(preset="tiny", width=4).generator.state_dict(), converted)
+    module = DeepFillV2Inpainter(preset="pretrained", width=4, disc_width=8, checkpoint_path=str(converted))
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
+    converted.unlink()  # the probe reads every weight from the checkpoint, not from checkpoint_path
+
+    loaded = build_inpainter(InpainterSpec(name="g", kind="gated_conv"), str(checkpoint), torch.device("cpu"))
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    image, hole = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
+    hole[..., 8:20, 8:20] = 1.0
+    assert torch.allclose(loaded.inpaint(image, hole), module.eval().inpaint(image, hole))

@@ -169,6 +169,8 @@ def test_every_pretrained_command_config_runs_from_the_hub_shaped_cache(
     (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
     report = json.loads((run / "report.json").read_text())
     assert report
+    # SD 2 inpainting's own scheduler (the fixture mirrors its config) decides the prediction type
+    assert report["prediction_types"] == {"sd2_inpainting": "epsilon"}
     if yaml.safe_load(config.read_text())["probe"]["fid"]["features"] == "inception":
         assert "Inception" in json.dumps(report)  # the real FID features, not the substitute
     _check_models_came_from_the_fixture(config, hub_cache)

@@ -6,10 +6,15 @@ paper trains no diffusion model; its inpainters are Liu et al.'s and Yu et al.'s
 makes it trainable with `forgelab fit` like the other two inpainters (LoRA or the whole UNet, the latent
 diffusion loss), e.g. to adapt it to a domain's real images before probing. The tiny preset (random weights, a
 few steps) exercises the same code paths in tests; its fills are noise and must not be read as quality.
+
+The prediction type (what the UNet outputs: noise, or v) is read from the model's own scheduler config, logged,
+and recorded in the probe's report. SD 2 inpainting declares `epsilon` (it was fine-tuned from the 512-px base
+model; only SD 2's 768-px text-to-image models are v-prediction).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +28,8 @@ from common.errors import ConfigError
 from projects.inpaint_probe.inpainters import InpaintingTask
 from projects.inpaint_probe.losses import composite
 from projects.inpaint_probe.masks import check_mask_batch
+
+log = logging.getLogger("forgelab.inpaint_probe")
 
 
 def _pad(
@@ -41,11 +48,13 @@ class DiffusionInpainter:
     inpainters, the probe scores the composite: SD's VAE round trip would otherwise alter every pixel).
 
     Args:
-        model_id: diffusers repo or local folder (default stabilityai/stable-diffusion-2-inpainting).
+        model_id: diffusers repo or local folder (default: the registry's SD 2 inpainting, a community mirror).
         preset: "pretrained" | "random" | "tiny" (see common.backbones).
         prompt: the text condition; "" asks for a plausible fill without a subject (object removal).
-        steps, guidance_scale: DDIM steps and classifier-free guidance (1.0 turns guidance off).
+        steps, guidance_scale: DDIM steps and classifier-free guidance (1.0 turns guidance off; with an empty
+            prompt guidance is refused: the conditional and unconditional passes are then the same).
         seed: the noise seed; every batch starts from the same generator state, so results are reproducible.
+        revision: hub revision (branch, tag or commit) of model_id.
     """
 
     display_name = "diffusion (Stable Diffusion inpainting)"
@@ -56,12 +65,20 @@ class DiffusionInpainter:
         preset: str = "pretrained",
         prompt: str = "",
         steps: int = 25,
-        guidance_scale: float = 7.5,
+        guidance_scale: float = 1.0,
         seed: int = 0,
+        revision: str | None = None,
     ) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        self.components = create_diffusion_components(model_id, preset=preset, inpainting=True)
+        check_guidance(prompt, guidance_scale)
+        self.components = create_diffusion_components(
+            model_id, preset=preset, inpainting=True, revision=revision
+        )
+        self.prediction_type: str = self.components.scheduler.config.prediction_type
+        log.info(
+            "%s: prediction type %s (its scheduler config)", self.components.model_id, self.prediction_type
+        )
         self.pipeline = build_pipeline(self.components, "inpaint")
         self.pipeline.set_progress_bar_config(disable=True)
         self.prompt, self.steps, self.guidance_scale, self.seed = prompt, steps, guidance_scale, seed
@@ -87,6 +104,16 @@ class DiffusionInpainter:
             output_type="pt",
         ).images
         return composite(result[..., :h, :w].float().clamp(0, 1).to(image.device), image, hole)
+
+
+def check_guidance(prompt: str, guidance_scale: float) -> None:
+    """Classifier-free guidance extrapolates from the unconditional ("") towards the prompt's prediction: with an
+    empty prompt both are the same, so guidance > 1 only doubles the UNet calls. Refused, so no config pays it."""
+    if guidance_scale > 1.0 and not prompt.strip():
+        raise ConfigError(
+            f"guidance_scale {guidance_scale} with an empty prompt changes nothing and doubles the cost: "
+            "use guidance_scale 1.0, or give a prompt"
+        )
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------------------
@@ -140,6 +167,8 @@ class DiffusionInpaintingFinetune(InpaintingTask):
         lora_rank, lora_alpha: adapter rank (0 trains the whole UNet) and scale numerator (default = rank).
         lr: AdamW learning rate. prompt: the text condition of every image ("" as SD 2 inpainting's object removal).
         steps, guidance_scale, seed: sampling settings for validation and the probe.
+        revision: hub revision of model_id. The loss target follows the model's own prediction type
+            (`scheduler.config.prediction_type`), logged and sent to the run's loggers as `prediction_type`.
     """
 
     display_name = "diffusion (Stable Diffusion inpainting, fine-tuned)"
@@ -153,9 +182,10 @@ class DiffusionInpaintingFinetune(InpaintingTask):
         lr: float = 1e-4,
         prompt: str = "",
         steps: int = 25,
-        guidance_scale: float = 7.5,
+        guidance_scale: float = 1.0,
         seed: int = 0,
         grid_images: int = 8,
+        revision: str | None = None,
     ) -> None:
         super().__init__(grid_images)
         if lora_rank < 0:
@@ -163,7 +193,7 @@ class DiffusionInpaintingFinetune(InpaintingTask):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         self.save_hyperparameters()
-        self.sampler = DiffusionInpainter(model_id, preset, prompt, steps, guidance_scale, seed)
+        self.sampler = DiffusionInpainter(model_id, preset, prompt, steps, guidance_scale, seed, revision)
         components = self.sampler.components
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
         self.vae.requires_grad_(False)
@@ -178,6 +208,14 @@ class DiffusionInpaintingFinetune(InpaintingTask):
     @property
     def network_stride(self) -> int:
         return self.sampler.network_stride
+
+    @property
+    def prediction_type(self) -> str:
+        return self.sampler.prediction_type
+
+    def on_fit_start(self) -> None:
+        for logger in self.loggers:  # so a dashboard shows which objective the run trained
+            logger.log_hyperparams({"prediction_type": self.prediction_type})
 
     def train(self, mode: bool = True) -> DiffusionInpaintingFinetune:
         super().train(mode)

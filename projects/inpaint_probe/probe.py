@@ -96,8 +96,9 @@ class InpainterSpec:
     preset: str = "pretrained"
     prompt: str = ""
     steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float = 1.0  # guidance needs a prompt: with "" it changes nothing and doubles the cost
     seed: int = 0
+    revision: str | None = None
 
 
 @dataclass
@@ -252,7 +253,7 @@ def build_inpainter(spec: InpainterSpec, checkpoint: str | None, device: torch.d
         from projects.inpaint_probe.diffusion_inpainter import DiffusionInpainter
 
         inpainter = DiffusionInpainter(
-            spec.model_id, spec.preset, spec.prompt, spec.steps, spec.guidance_scale, spec.seed
+            spec.model_id, spec.preset, spec.prompt, spec.steps, spec.guidance_scale, spec.seed, spec.revision
         )
         inpainter.pipeline.to(device)
         return inpainter
@@ -303,6 +304,10 @@ def _load_inpainter(
         hparams = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
         if "checkpoint_path" in hparams:
             hparams["checkpoint_path"] = None
+        if hparams.get("preset") == "pretrained" and not hasattr(module_class, "trained_keys"):
+            # every weight is in this file: fetching pretrained ones (or, for DeepFill v2, demanding a
+            # checkpoint_path) would only precede overwriting them; `random` is the same architecture
+            hparams["preset"] = "random"
         module = module_class(**{**hparams, **(overrides or {})})
         expected = module.trained_keys() if hasattr(module, "trained_keys") else set(module.state_dict())
         if set(saved["state_dict"]) != expected:
@@ -417,9 +422,15 @@ def _probe(
     bucket_rows: list[dict[str, Any]] = []
     speeds: dict[str, float] = {}
     display: dict[str, str] = {}
+    prediction_types: dict[str, str] = {}
     for spec in config.inpainters:
         inpainter = build_inpainter(spec, config.checkpoints.get(spec.name, spec.checkpoint), device)
         display[spec.name] = getattr(inpainter, "display_name", spec.kind)
+        sampler = getattr(
+            inpainter, "sampler", inpainter
+        )  # a fine-tune samples through its DiffusionInpainter
+        if hasattr(sampler, "prediction_type"):
+            prediction_types[spec.name] = sampler.prediction_type
         seconds = 0.0
         for image_set in sets:
             tick = time.perf_counter()
@@ -455,6 +466,7 @@ def _probe(
                 "hole_ratios": ratios,
             },
             "inpainting_images_per_second": speeds,
+            "prediction_types": prediction_types,  # what each diffusion inpainter's UNet predicts
             "timings_seconds": timings,
             "skipped": skips.counts,
         }
