@@ -241,7 +241,7 @@ def test_detectors_ground_the_captions_noun_phrases(grounder_class, small_toy_wo
 def test_clip_embeds_crops_and_flags_captions_over_77_tokens(library) -> None:
     pytest.importorskip("open_clip") if library == "open_clip" else None
     encoder = ClipEncoder(
-        ClipConfig(library=library, model_id="RN50" if library == "open_clip" else "x"),
+        ClipConfig(library=library, model_id="RN50-quickgelu" if library == "open_clip" else "x"),
         "tiny",
         CPU_DEVICE,
         None,
@@ -250,6 +250,12 @@ def test_clip_embeds_crops_and_flags_captions_over_77_tokens(library) -> None:
     assert encoder.encode_images(images).shape == (2, encoder.dim)
     embeddings, truncated = encoder.encode_texts(["a valve", " ".join(["a brass valve with bolts"] * 30)])
     assert embeddings.shape == (2, encoder.dim) and truncated == [False, True]
+
+
+def test_open_clip_config_rejects_openai_weights_on_a_gelu_model() -> None:
+    with pytest.raises(ValueError, match=r"RN50-quickgelu"):
+        ClipConfig(library="open_clip", model_id="RN50", pretrained="openai")
+    assert ClipConfig(library="open_clip", model_id="RN50", pretrained="yfcc15m").model_id == "RN50"
 
 
 # --- reports ---------------------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from common.backbones.presets import (
     seeded,
 )
 from common.backbones.tokenizers import local_bert_tokenizer, local_clip_tokenizer, local_opt_tokenizer
+from common.errors import ConfigError
 
 # Shared by the tiny presets: a 2-layer, 32-wide ViT over 32x32 images (16 patches of 8x8).
 _TINY_VIT = {
@@ -132,18 +133,43 @@ def create_clip(
     return model.eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def check_open_clip_activation(model_name: str, pretrained: str | None) -> None:
+    """Refuse weights trained with QuickGELU on a model name that builds GELU (open_clip only warns).
+
+    OpenAI's CLIP weights (``openai``, and every tag whose pretrained config says ``quick_gelu``) were trained with
+    QuickGELU; open_clip's plain names (``RN50``) build GELU, so the text tower silently computes other features.
+    This is an error rather than a silent remap, so the config names the model that actually runs.
+    """
+    import open_clip
+
+    if not pretrained:
+        return
+    weights_quick = pretrained == "openai" or bool(
+        open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False)
+    )
+    model_config = open_clip.get_model_config(model_name) or {}
+    if weights_quick and not model_config.get("quick_gelu", False):
+        raise ConfigError(
+            f"open_clip weights {pretrained!r} were trained with QuickGELU, but {model_name!r} builds GELU: use "
+            f"model {model_name.removesuffix('-quickgelu')}-quickgelu"
+        )
+
+
 def create_open_clip(
-    model_name: str = "RN50",
+    model_name: str = "RN50-quickgelu",
     pretrained: str | None = "openai",
     *,
     preset: Preset = "pretrained",
+    dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor]]:
     """An open_clip model with its eval preprocessing and tokenizer: ``(model, preprocess, tokenizer)``.
 
     Needed for ITEM's CLIP ResNet-50 ablation, which transformers does not have. ``pretrained`` is open_clip's
-    weight tag (``openai`` for RN50); ``random`` builds ``model_name`` from open_clip's bundled config. The tiny
-    preset is open_clip's ``CLIP`` class with a ModifiedResNet vision tower (layers [1, 1, 1, 1], width 8) and a
-    2-layer text tower; it keeps open_clip's own tokenizer, whose BPE vocabulary ships inside the package.
+    weight tag (``openai`` for RN50, whose weights need the ``RN50-quickgelu`` model: a GELU name with QuickGELU
+    weights raises ConfigError, see `check_open_clip_activation`); ``random`` builds ``model_name`` from open_clip's
+    bundled config with seeded weights. The tiny preset is open_clip's ``CLIP`` class with a ModifiedResNet vision
+    tower (layers [1, 1, 1, 1], width 8) and a 2-layer QuickGELU text tower; it keeps open_clip's own tokenizer,
+    whose BPE vocabulary ships inside the package. ``dtype`` casts the whole model (open_clip keeps nothing in fp32).
     """
     try:
         import open_clip
@@ -161,20 +187,22 @@ def create_open_clip(
         preprocess = open_clip.image_transform(
             32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
         )
-        return model.eval(), preprocess, open_clip.get_tokenizer("RN50")
+        return model.to(dtype=dtype).eval(), preprocess, open_clip.get_tokenizer("RN50-quickgelu")
 
+    check_open_clip_activation(model_name, pretrained)
     weights = pretrained if preset == "pretrained" else None
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=weights, cache_dir=hub_kwargs()["cache_dir"]
-        )
+        with seeded():  # the random preset: the same weights in every run
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=weights, cache_dir=hub_kwargs()["cache_dir"]
+            )
         tokenizer = open_clip.get_tokenizer(model_name)
     except (OSError, RuntimeError, ValueError) as error:
         hub_repo = open_clip.get_pretrained_cfg(model_name, pretrained or "").get("hf_hub", "").strip("/")
         raise pretrained_unavailable(
             f"{model_name} ({pretrained})", error, repo_id=hub_repo or None
         ) from None
-    return model.eval(), preprocess, tokenizer
+    return model.to(dtype=dtype).eval(), preprocess, tokenizer
 
 
 def create_blip2(

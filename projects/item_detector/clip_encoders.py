@@ -28,8 +28,9 @@ class ClipConfig:
 
     Args:
         library: transformers (ViT-L/14, ViT-B/16) or open_clip (RN50: Fig. 8).
-        model_id: hub id (transformers) or open_clip model name (e.g. RN50).
-        pretrained: open_clip weight tag (openai); ignored by transformers.
+        model_id: hub id (transformers) or open_clip model name (RN50-quickgelu for the OpenAI weights).
+        pretrained: open_clip weight tag (openai); ignored by transformers. OpenAI's weights were trained with
+            QuickGELU, so `openai` on a model name without `-quickgelu` is rejected, not remapped.
     """
 
     library: ClipLibrary = "transformers"
@@ -39,6 +40,11 @@ class ClipConfig:
     def __post_init__(self) -> None:
         if self.library not in ("transformers", "open_clip"):
             raise ValueError(f"clip.library must be transformers or open_clip, got {self.library!r}")
+        if self.library == "open_clip" and self.pretrained == "openai" and "quickgelu" not in self.model_id:
+            raise ValueError(
+                f"clip.pretrained openai was trained with QuickGELU, but clip.model_id {self.model_id!r} builds "
+                f"GELU: use {self.model_id}-quickgelu"
+            )
 
     def descriptor(self) -> dict[str, Any]:
         out: dict[str, Any] = {"library": self.library, "model_id": self.model_id}
