@@ -237,6 +237,22 @@ def test_detectors_ground_the_captions_noun_phrases(grounder_class, small_toy_wo
         )
 
 
+def test_owlv2_grounds_an_image_the_same_alone_and_batched_with_longer_captions(small_toy_world) -> None:
+    images, samples = toy_images(small_toy_world, n=2)
+    grounder = Owlv2Grounder(
+        GrounderConfig(name="owlv2", box_threshold=0.0), "tiny", CPU_DEVICE, torch.float32
+    )
+    short = "a round flange"
+    long = "a brass gate valve with a red handwheel, four bolts, a lever and a nut"
+    assert len(noun_phrases(long)) > len(noun_phrases(short))
+    (alone,) = grounder(images[:1], [short], samples[:1])
+    batched, _ = grounder(images, [short, long], samples)
+    assert alone.phrases and alone.phrases == batched.phrases
+    # Same boxes, up to the float rounding of a batched forward (a padded query winning one would move it).
+    torch.testing.assert_close(alone.boxes, batched.boxes, atol=1e-3, rtol=0)
+    torch.testing.assert_close(alone.scores, batched.scores, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("library", ["transformers", "open_clip"])
 def test_clip_embeds_crops_and_flags_captions_over_77_tokens(library) -> None:
     pytest.importorskip("open_clip") if library == "open_clip" else None
