@@ -238,6 +238,34 @@ def test_pretrained_preset_loads_a_saved_model_directory(tmp_path) -> None:
     assert loaded_processor.tokenizer(CAPTION).input_ids == processor.tokenizer(CAPTION).input_ids
 
 
+def blip2_dtypes(model: torch.nn.Module) -> tuple[set[torch.dtype], set[torch.dtype]]:
+    """(dtypes of the Q-Former and query tokens, dtypes of every other parameter)."""
+    kept = {p.dtype for n, p in model.named_parameters() if n.startswith(("qformer.", "query_tokens"))}
+    rest = {p.dtype for n, p in model.named_parameters() if not n.startswith(("qformer.", "query_tokens"))}
+    return kept, rest
+
+
+@pytest.mark.parametrize("preset", ["pretrained", "random", "tiny"])
+def test_half_precision_blip2_keeps_its_qformer_and_query_tokens_in_fp32(tmp_path, preset) -> None:
+    """BLIP-2 declares the Q-Former and query tokens `_keep_in_fp32_modules`: every preset honours that."""
+    model, processor = create_blip2(preset="tiny")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    half, _ = create_blip2(str(tmp_path), preset=preset, dtype=torch.float16)
+    assert blip2_dtypes(half) == ({torch.float32}, {torch.float16})
+
+
+def test_random_preset_weights_are_seeded(tmp_path) -> None:
+    model, processor = create_blip(preset="tiny")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    first, _ = create_blip(str(tmp_path), preset="random")
+    torch.manual_seed(2)  # whatever the run's own seed, the random preset's weights are the same
+    second, _ = create_blip(str(tmp_path), preset="random")
+    assert same_weights(first, second)
+
+
 # --- transformers tiny presets -------------------------------------------------------------------------------
 
 

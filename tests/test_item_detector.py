@@ -222,6 +222,21 @@ def test_generative_captioners_caption_a_batch(name, small_toy_world) -> None:
         assert "ASSISTANT" not in " ".join(captions)  # the prompt is not part of the caption
 
 
+def test_a_half_precision_blip2_captioner_keeps_the_qformer_in_fp32(small_toy_world, tmp_path) -> None:
+    """The path a user hits: a saved BLIP-2 loaded by the captioner in float16, then moved to the device."""
+    from common.backbones import create_blip2
+
+    model, processor = create_blip2(preset="tiny")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    config = CaptionerConfig(name="blip2", model_id=str(tmp_path), max_new_tokens=3)
+    captioner = GenerativeCaptioner(config, "pretrained", CPU_DEVICE, torch.float16)
+    params = dict(captioner.model.named_parameters())
+    kept = {n: p.dtype for n, p in params.items() if n.startswith(("qformer.", "query_tokens"))}
+    assert kept and set(kept.values()) == {torch.float32}
+    assert {p.dtype for n, p in params.items() if n not in kept} == {torch.float16}
+
+
 @pytest.mark.parametrize("grounder_class", [GroundingDinoGrounder, Owlv2Grounder])
 def test_detectors_ground_the_captions_noun_phrases(grounder_class, small_toy_world) -> None:
     images, samples = toy_images(small_toy_world)

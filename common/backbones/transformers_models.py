@@ -1,14 +1,17 @@
 """Frozen vision-language encoders from transformers (and open_clip), each with a tiny preset of the same class.
 
-Every factory returns ``(model, processor)`` with the model in eval mode. ``pretrained`` loads the hub id;
-``random`` builds the full architecture from the id's config with random weights (only the small config and
-processor files are fetched, or read from the cache); ``tiny`` builds the same model class from a small config
-with seeded random weights and a processor whose tokenizer is built locally, so it runs with no network at all.
+Every factory returns ``(model, processor)`` with the model in eval mode and in ``dtype``, with the class's
+``_keep_in_fp32_modules`` left in fp32 as ``from_pretrained`` leaves them (so callers move the model with
+``.to(device)`` only). ``pretrained`` loads the hub id; ``random`` builds the full architecture from the id's
+config with seeded random weights (only the small config and processor files are fetched, or read from the cache);
+``tiny`` builds the same model class from a small config with seeded random weights and a processor whose
+tokenizer is built locally, so it runs with no network at all.
 Tiny models produce meaningless captions, boxes and embeddings: they exist to run the real code paths in tests.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +70,29 @@ _TINY_VIT = {
 _TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
+def build_model(
+    model_cls: type[PreTrainedModel], config: Any, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """``model_cls(config)`` with seeded random weights in ``dtype``, as ``from_pretrained(dtype=...)`` would load it.
+
+    Built directly in ``dtype`` (a full-size random model never exists in fp32), then the class's
+    ``_keep_in_fp32_modules`` (float16) and ``_keep_in_fp32_modules_strict`` (float16, bfloat16) are upcast, the
+    rule transformers applies at load: BLIP-2's Q-Former and query tokens stay fp32.
+    """
+    with seeded():  # the same weights in every run, so two runs of a random preset can share a cache entry
+        model = model_cls._from_config(config, dtype=dtype)
+    keep = set(model._keep_in_fp32_modules or ()) if dtype == torch.float16 else set()
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(model._keep_in_fp32_modules_strict or ())
+    if keep:
+        # transformers matches these names anywhere in a parameter's name (core_model_loading's glob search)
+        pattern = re.compile("|".join(name.replace("*", ".*") for name in sorted(keep)))
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if pattern.search(name) and tensor.is_floating_point():
+                tensor.data = tensor.data.float()
+    return model
+
+
 def _load_from_hub(
     model_cls: type[PreTrainedModel],
     processor_cls: type[ProcessorMixin],
@@ -84,9 +110,7 @@ def _load_from_hub(
             model = model_cls.from_pretrained(model_id, dtype=dtype, use_safetensors=True, **hub_kwargs())
         else:
             config = model_cls.config_class.from_pretrained(model_id, **hub_kwargs())
-            model = model_cls(config)
-            if dtype is not None:
-                model = model.to(dtype)
+            model = build_model(model_cls, config, dtype)
     except (OSError, ValueError) as error:
         raise pretrained_unavailable(model_id, error) from None
     check_tokenizer_loaded(processor.tokenizer, model.config.text_config.vocab_size, model_id)
@@ -127,8 +151,7 @@ def create_clip(
         vision_config=_TINY_VIT,
         projection_dim=32,
     )
-    with seeded():
-        model = CLIPModel(config)
+    model = build_model(CLIPModel, config, dtype)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model.eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -252,8 +275,7 @@ def create_blip2(
         num_query_tokens=num_query_tokens,
         image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
-    with seeded():
-        model = Blip2ForConditionalGeneration(config)
+    model = build_model(Blip2ForConditionalGeneration, config, dtype)
     return model.eval(), processor
 
 
@@ -285,8 +307,7 @@ def create_blip(
         vision_config=_TINY_VIT,
         projection_dim=32,
     )
-    with seeded():
-        model = BlipForConditionalGeneration(config)
+    model = build_model(BlipForConditionalGeneration, config, dtype)
     image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
     return model.eval(), BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -341,8 +362,7 @@ def create_grounding_dino(
         decoder_n_points=2,
         max_text_len=max_text_len,
     )
-    with seeded():
-        model = GroundingDinoForObjectDetection(config)
+    model = build_model(GroundingDinoForObjectDetection, config, dtype)
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64})
     return model.eval(), GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -367,8 +387,7 @@ def create_owlv2(
         vision_config=_TINY_VIT,
         projection_dim=32,
     )
-    with seeded():
-        model = Owlv2ForObjectDetection(config)
+    model = build_model(Owlv2ForObjectDetection, config, dtype)
     image_processor = Owlv2ImageProcessor(size={"height": 32, "width": 32})
     return model.eval(), Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -429,6 +448,5 @@ def create_llava(
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    with seeded():
-        model = LlavaForConditionalGeneration(config)
+    model = build_model(LlavaForConditionalGeneration, config, dtype)
     return model.eval(), processor

@@ -98,7 +98,8 @@ class GenerativeCaptioner:
         self.config = config
         factory: Callable[..., tuple[Any, Any]] = getattr(backbones, _FACTORIES[config.name])
         model, self.processor = factory(config.resolved_model_id, preset=preset, dtype=dtype)
-        self.model = model.to(device=device, dtype=dtype)
+        # Loaded in `dtype` by the factory; only moved here, as `.to(dtype)` would cast the fp32-kept modules too.
+        self.model = model.to(device=device)
         self.device, self.dtype = device, dtype
         self.prompt: str | None = None
         if config.name == "llava":

@@ -78,7 +78,7 @@ class ClipEncoder:
             self.dim = int(model.config.projection_dim)
         else:
             model, preprocess, tokenizer = backbones.create_open_clip(
-                config.model_id, config.pretrained, preset=preset
+                config.model_id, config.pretrained, preset=preset, dtype=dtype
             )
             # open_clip's pipeline works on PIL images; keep its tensor-capable steps (resize, crop, normalise).
             self.tensor_steps = T.Compose(
@@ -87,7 +87,7 @@ class ClipEncoder:
             self.tokenizer = tokenizer
             self.max_tokens = int(getattr(tokenizer, "context_length", 77))
             self.dim = int(model.text_projection.shape[1])
-        self.model = model.to(device=device, dtype=dtype).eval()
+        self.model = model.to(device=device).eval()  # loaded in `dtype` by the factory
 
     def _pixels(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.config.library == "transformers":

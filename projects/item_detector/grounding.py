@@ -229,7 +229,7 @@ class GroundingDinoGrounder:
         model, self.processor = backbones.create_grounding_dino(
             config.resolved_model_id, preset=preset, dtype=dtype
         )
-        self.model = model.to(device=device, dtype=dtype)
+        self.model = model.to(device=device)  # loaded in `dtype` by the factory
         self.device, self.dtype = device, dtype
         self.max_text_len = int(self.model.config.max_text_len)
 
@@ -291,7 +291,7 @@ class Owlv2Grounder:
     ) -> None:
         self.config = config
         model, self.processor = backbones.create_owlv2(config.resolved_model_id, preset=preset, dtype=dtype)
-        self.model = model.to(device=device, dtype=dtype)
+        self.model = model.to(device=device)  # loaded in `dtype` by the factory
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
