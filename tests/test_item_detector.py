@@ -252,6 +252,22 @@ def test_detectors_ground_the_captions_noun_phrases(grounder_class, small_toy_wo
         )
 
 
+@pytest.mark.parametrize(
+    "shapes", [[(3, 40, 60)], [(3, 64, 64)], [(3, 20, 200)], [(3, 200, 20), (3, 9, 90)]], ids=str
+)
+def test_tiny_grounding_dino_grounds_one_image_batches_and_odd_aspects(shapes) -> None:
+    """The last batch of an extraction can hold a single image, of any shape."""
+    grounder = GroundingDinoGrounder(
+        GrounderConfig(name="grounding_dino", box_threshold=0.0), "tiny", CPU_DEVICE, torch.float32
+    )
+    images = [torch.rand(*shape, generator=torch.Generator().manual_seed(0)) for shape in shapes]
+    found = grounder(images, ["a red valve and a brass nut"] * len(images), [None] * len(images))
+    assert len(found) == len(images)
+    for grounding in found:
+        assert grounding.phrases and set(grounding.phrases) <= {"red valve", "brass nut"}
+        assert grounding.boxes.shape == (len(grounding.phrases), 4)
+
+
 def test_owlv2_grounds_an_image_the_same_alone_and_batched_with_longer_captions(small_toy_world) -> None:
     images, samples = toy_images(small_toy_world, n=2)
     grounder = Owlv2Grounder(

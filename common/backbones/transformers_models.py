@@ -321,7 +321,7 @@ def create_grounding_dino(
     """Grounding DINO open-vocabulary detector (ITEM's GLIP stand-in; prompt: lowercase phrases joined by ". ").
 
     The tiny preset uses a one-block-per-stage Swin backbone, a 2-layer BERT text tower, 2 encoder/decoder
-    layers and 10 queries; ``processor.post_process_grounded_object_detection`` runs on its outputs.
+    layers (64 wide, so one-image batches of any aspect work) and 10 queries; ``processor.post_process_grounded_object_detection`` runs on its outputs.
     """
     check_preset(preset)
     if preset != "tiny":
@@ -350,13 +350,15 @@ def create_grounding_dino(
             "max_position_embeddings": max_text_len,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        d_model=32,
+        # 64 channels in the neck's GroupNorm(32 groups): two values per group even on a 1x1 map, which a
+        # one-image batch of a small or elongated image reaches at the coarsest level.
+        d_model=64,
         encoder_layers=2,
         decoder_layers=2,
         encoder_attention_heads=4,
         decoder_attention_heads=4,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
         num_queries=10,
         encoder_n_points=2,
         decoder_n_points=2,
