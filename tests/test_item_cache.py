@@ -303,6 +303,29 @@ def test_truncated_shards_foreign_shards_and_broken_manifests_are_not_served(
     assert len(cache.load(keys)[0]) == 4
 
 
+def test_an_unreadable_manifest_is_rebuilt_from_the_shards_not_emptied(samples, tmp_path, caplog) -> None:
+    Path(samples[1].path).write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    stage = CountingStage()
+    cache = cache_for(stage, tmp_path)
+    assert extract(stage, cache, samples[:6])["extracted"] == 5
+    shards = {path.name: path.read_bytes() for path in cache.shard_dir.iterdir()}
+    committed = json.loads(cache.manifest_path.read_text())
+    cache.manifest_path.write_bytes(b"\x00\xff garbage \x13")
+
+    again = CountingStage()
+    with caplog.at_level(logging.WARNING, logger="forgelab.item"):
+        reopened = cache_for(again, tmp_path)
+        stats = extract(again, reopened, samples[:6])
+        table, skipped = reopened.load(keys_of(again, samples[:6]))
+    assert stats["extracted"] == 0 and again.images_run == 0  # nothing recomputed, the skip not retried
+    assert {path.name: path.read_bytes() for path in cache.shard_dir.iterdir()} == shards  # nothing deleted
+    assert len(table) == 5 and list(skipped.values()) == ["not_an_image"]
+    rebuilt = json.loads(cache.manifest_path.read_text())
+    assert rebuilt["shards"] == committed["shards"] and rebuilt["skipped"] == committed["skipped"]
+    assert rebuilt["descriptor"] == stage.descriptor("none")
+    assert sum("rebuilt" in record.getMessage() for record in caplog.records) == 1
+
+
 def test_an_undecodable_image_is_recorded_not_retried(samples, tmp_path) -> None:
     Path(samples[1].path).write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     stage = CountingStage()
