@@ -1,7 +1,8 @@
 """The on-disk cache of ITEM's frozen stage: captions, phrases, boxes and CLIP embeddings, computed once per image.
 
-Layout, one directory per frozen-stage configuration (models, preset, dtype, preprocessing, perturbation,
-FEATURE_VERSION; `stage_key` hashes `FrozenStage.descriptor`)::
+Layout, one directory per frozen-stage configuration (models and their weights' revision, preset, dtype,
+preprocessing, perturbation, library versions, extraction-code fingerprint, FEATURE_VERSION; `stage_key` hashes
+`FrozenStage.descriptor`)::
 
     <cache_dir>/<stage_key[:16]>/manifest.json       the descriptor, and per shard: sha256, size, entry keys
     <cache_dir>/<stage_key[:16]>/shards/<sha256[:24]>.safetensors
