@@ -35,6 +35,7 @@ from common.backbones import (
     timm_data_config,
 )
 from common.backbones import tokenizers as local_tokenizers
+from tests.cli_helpers import CONFIGS
 
 CAPTION = "a brass ball valve with a lever handle and four bolts on a round flange"
 
@@ -237,6 +238,34 @@ def test_pretrained_preset_loads_a_saved_model_directory(tmp_path) -> None:
     assert loaded_processor.tokenizer(CAPTION).input_ids == processor.tokenizer(CAPTION).input_ids
 
 
+def blip2_dtypes(model: torch.nn.Module) -> tuple[set[torch.dtype], set[torch.dtype]]:
+    """(dtypes of the Q-Former and query tokens, dtypes of every other parameter)."""
+    kept = {p.dtype for n, p in model.named_parameters() if n.startswith(("qformer.", "query_tokens"))}
+    rest = {p.dtype for n, p in model.named_parameters() if not n.startswith(("qformer.", "query_tokens"))}
+    return kept, rest
+
+
+@pytest.mark.parametrize("preset", ["pretrained", "random", "tiny"])
+def test_half_precision_blip2_keeps_its_qformer_and_query_tokens_in_fp32(tmp_path, preset) -> None:
+    """BLIP-2 declares the Q-Former and query tokens `_keep_in_fp32_modules`: every preset honours that."""
+    model, processor = create_blip2(preset="tiny")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    half, _ = create_blip2(str(tmp_path), preset=preset, dtype=torch.float16)
+    assert blip2_dtypes(half) == ({torch.float32}, {torch.float16})
+
+
+def test_random_preset_weights_are_seeded(tmp_path) -> None:
+    model, processor = create_blip(preset="tiny")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    first, _ = create_blip(str(tmp_path), preset="random")
+    torch.manual_seed(2)  # whatever the run's own seed, the random preset's weights are the same
+    second, _ = create_blip(str(tmp_path), preset="random")
+    assert same_weights(first, second)
+
+
 # --- transformers tiny presets -------------------------------------------------------------------------------
 
 
@@ -342,6 +371,33 @@ def test_tiny_open_clip_uses_a_modified_resnet_tower() -> None:
         image_features = model.encode_image(pixels)
         text_features = model.encode_text(tokenizer([CAPTION, "a nut"]))
     assert image_features.shape == text_features.shape == (2, 32)
+
+
+def test_fig8_rn50_config_builds_the_quickgelu_text_tower_the_openai_weights_need() -> None:
+    open_clip = pytest.importorskip("open_clip")
+    import yaml
+
+    from common.backbones import create_open_clip
+
+    clip = yaml.safe_load((CONFIGS / "item_detector" / "clip_rn50.yaml").read_text())["data"]["init_args"][
+        "clip"
+    ]
+    assert clip["pretrained"] == "openai"
+    # The random preset builds the same architecture the pretrained one loads the OpenAI weights into.
+    model, _, _ = create_open_clip(clip["model_id"], clip["pretrained"], preset="random")
+    activations = {type(block.mlp.gelu) for block in model.transformer.resblocks}
+    assert activations == {open_clip.transformer.QuickGELU}
+
+
+@pytest.mark.parametrize("preset", ["pretrained", "random"])
+def test_openai_weights_on_a_gelu_open_clip_model_are_a_config_error(preset) -> None:
+    pytest.importorskip("open_clip")
+    from common.backbones import create_open_clip
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"RN50-quickgelu") as caught:
+        create_open_clip("RN50", "openai", preset=preset)
+    assert "\n" not in str(caught.value)
 
 
 def test_open_clip_missing_tells_how_to_install_it(monkeypatch) -> None:

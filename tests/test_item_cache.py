@@ -247,6 +247,86 @@ def test_an_edited_oracle_caption_is_a_new_entry(samples, tmp_path) -> None:
     assert table.captions == ["a completely different caption"]
 
 
+# --- what the key names besides the config ----------------------------------------------------------------------
+
+
+def pretrained_stage(captioner_id: str) -> FrozenStage:
+    """A pretrained-preset stage (never loaded here: the key is computed without the models)."""
+    return FrozenStage(
+        CaptionerConfig(name="blip2", model_id=captioner_id),
+        GrounderConfig(name="none"),
+        ClipConfig(),
+        preset="pretrained",
+        device="cpu",
+        dtype="float32",
+    )
+
+
+def stage_key_of(stage: FrozenStage) -> str:
+    return FeatureCache("unused", stage.descriptor("none")).key
+
+
+def test_the_key_names_the_hub_snapshot_a_model_id_resolves_to(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "models--acme--captioner"
+    for commit in ("1" * 40, "2" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    stage = pretrained_stage("acme/captioner")
+    before = stage_key_of(stage)
+    assert stage.weights_revisions()["captioner"] == "1" * 40
+    (repo / "refs" / "main").write_text("2" * 40)  # the hub's main moved, and the new snapshot was fetched
+    assert stage_key_of(stage) != before
+
+
+def test_the_key_names_the_bytes_of_a_local_checkpoint(tmp_path) -> None:
+    import os
+
+    weights = tmp_path / "blip2" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights, version one")
+    stage = pretrained_stage(str(weights.parent))
+    before = stage_key_of(stage)
+    assert stage_key_of(stage) == before  # deterministic
+    stat = weights.stat()
+    weights.write_bytes(b"weights, version two")  # same size, other bytes
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert weights.stat().st_size == stat.st_size and stage_key_of(stage) != before
+
+
+def test_the_key_names_the_library_versions_and_the_extraction_code(monkeypatch) -> None:
+    from projects.item_detector import frozen, provenance
+
+    stage = CountingStage()
+    before = stage_key_of(stage)
+    real_version = provenance.package_version
+    monkeypatch.setattr(
+        provenance, "package_version", lambda name: "99.0" if name == "transformers" else real_version(name)
+    )
+    upgraded = stage_key_of(stage)
+    assert upgraded != before
+    monkeypatch.setattr(frozen, "source_fingerprint", lambda: "edited extraction code")
+    assert stage_key_of(stage) not in (before, upgraded)
+
+
+def test_the_code_fingerprint_follows_code_not_comments_or_docstrings(tmp_path) -> None:
+    from projects.item_detector.provenance import EXTRACTION_SOURCES, source_fingerprint
+
+    module = tmp_path / "crop.py"
+    module.write_text('"""Crop."""\n\ndef crop(x):\n    """The box."""\n    return x[1:]  # x1 exclusive\n')
+    original = source_fingerprint([module])
+    module.write_text('"""Crop a box."""\n\n\ndef crop(x):\n    return x[1:]\n')
+    assert source_fingerprint([module]) == original
+    module.write_text('"""Crop."""\n\ndef crop(x):\n    return x[2:]\n')
+    assert source_fingerprint([module]) != original
+    assert "projects/item_detector/frozen.py" in EXTRACTION_SOURCES
+    assert "common/backbones/transformers_models.py" in EXTRACTION_SOURCES
+    assert len(source_fingerprint()) == 64
+
+
 # --- corruption -------------------------------------------------------------------------------------------------------
 
 
@@ -301,6 +381,29 @@ def test_truncated_shards_foreign_shards_and_broken_manifests_are_not_served(
     assert cache.status(keys) == (set(), {})
     assert extract(stage, cache, samples[:4])["extracted"] == 4  # rebuilt, and served again
     assert len(cache.load(keys)[0]) == 4
+
+
+def test_an_unreadable_manifest_is_rebuilt_from_the_shards_not_emptied(samples, tmp_path, caplog) -> None:
+    Path(samples[1].path).write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    stage = CountingStage()
+    cache = cache_for(stage, tmp_path)
+    assert extract(stage, cache, samples[:6])["extracted"] == 5
+    shards = {path.name: path.read_bytes() for path in cache.shard_dir.iterdir()}
+    committed = json.loads(cache.manifest_path.read_text())
+    cache.manifest_path.write_bytes(b"\x00\xff garbage \x13")
+
+    again = CountingStage()
+    with caplog.at_level(logging.WARNING, logger="forgelab.item"):
+        reopened = cache_for(again, tmp_path)
+        stats = extract(again, reopened, samples[:6])
+        table, skipped = reopened.load(keys_of(again, samples[:6]))
+    assert stats["extracted"] == 0 and again.images_run == 0  # nothing recomputed, the skip not retried
+    assert {path.name: path.read_bytes() for path in cache.shard_dir.iterdir()} == shards  # nothing deleted
+    assert len(table) == 5 and list(skipped.values()) == ["not_an_image"]
+    rebuilt = json.loads(cache.manifest_path.read_text())
+    assert rebuilt["shards"] == committed["shards"] and rebuilt["skipped"] == committed["skipped"]
+    assert rebuilt["descriptor"] == stage.descriptor("none")
+    assert sum("rebuilt" in record.getMessage() for record in caplog.records) == 1
 
 
 def test_an_undecodable_image_is_recorded_not_retried(samples, tmp_path) -> None:

@@ -222,6 +222,21 @@ def test_generative_captioners_caption_a_batch(name, small_toy_world) -> None:
         assert "ASSISTANT" not in " ".join(captions)  # the prompt is not part of the caption
 
 
+def test_a_half_precision_blip2_captioner_keeps_the_qformer_in_fp32(small_toy_world, tmp_path) -> None:
+    """The path a user hits: a saved BLIP-2 loaded by the captioner in float16, then moved to the device."""
+    from common.backbones import create_blip2
+
+    model, processor = create_blip2(preset="tiny")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    config = CaptionerConfig(name="blip2", model_id=str(tmp_path), max_new_tokens=3)
+    captioner = GenerativeCaptioner(config, "pretrained", CPU_DEVICE, torch.float16)
+    params = dict(captioner.model.named_parameters())
+    kept = {n: p.dtype for n, p in params.items() if n.startswith(("qformer.", "query_tokens"))}
+    assert kept and set(kept.values()) == {torch.float32}
+    assert {p.dtype for n, p in params.items() if n not in kept} == {torch.float16}
+
+
 @pytest.mark.parametrize("grounder_class", [GroundingDinoGrounder, Owlv2Grounder])
 def test_detectors_ground_the_captions_noun_phrases(grounder_class, small_toy_world) -> None:
     images, samples = toy_images(small_toy_world)
@@ -237,11 +252,43 @@ def test_detectors_ground_the_captions_noun_phrases(grounder_class, small_toy_wo
         )
 
 
+@pytest.mark.parametrize(
+    "shapes", [[(3, 40, 60)], [(3, 64, 64)], [(3, 20, 200)], [(3, 200, 20), (3, 9, 90)]], ids=str
+)
+def test_tiny_grounding_dino_grounds_one_image_batches_and_odd_aspects(shapes) -> None:
+    """The last batch of an extraction can hold a single image, of any shape."""
+    grounder = GroundingDinoGrounder(
+        GrounderConfig(name="grounding_dino", box_threshold=0.0), "tiny", CPU_DEVICE, torch.float32
+    )
+    images = [torch.rand(*shape, generator=torch.Generator().manual_seed(0)) for shape in shapes]
+    found = grounder(images, ["a red valve and a brass nut"] * len(images), [None] * len(images))
+    assert len(found) == len(images)
+    for grounding in found:
+        assert grounding.phrases and set(grounding.phrases) <= {"red valve", "brass nut"}
+        assert grounding.boxes.shape == (len(grounding.phrases), 4)
+
+
+def test_owlv2_grounds_an_image_the_same_alone_and_batched_with_longer_captions(small_toy_world) -> None:
+    images, samples = toy_images(small_toy_world, n=2)
+    grounder = Owlv2Grounder(
+        GrounderConfig(name="owlv2", box_threshold=0.0), "tiny", CPU_DEVICE, torch.float32
+    )
+    short = "a round flange"
+    long = "a brass gate valve with a red handwheel, four bolts, a lever and a nut"
+    assert len(noun_phrases(long)) > len(noun_phrases(short))
+    (alone,) = grounder(images[:1], [short], samples[:1])
+    batched, _ = grounder(images, [short, long], samples)
+    assert alone.phrases and alone.phrases == batched.phrases
+    # Same boxes, up to the float rounding of a batched forward (a padded query winning one would move it).
+    torch.testing.assert_close(alone.boxes, batched.boxes, atol=1e-3, rtol=0)
+    torch.testing.assert_close(alone.scores, batched.scores, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("library", ["transformers", "open_clip"])
 def test_clip_embeds_crops_and_flags_captions_over_77_tokens(library) -> None:
     pytest.importorskip("open_clip") if library == "open_clip" else None
     encoder = ClipEncoder(
-        ClipConfig(library=library, model_id="RN50" if library == "open_clip" else "x"),
+        ClipConfig(library=library, model_id="RN50-quickgelu" if library == "open_clip" else "x"),
         "tiny",
         CPU_DEVICE,
         None,
@@ -250,6 +297,12 @@ def test_clip_embeds_crops_and_flags_captions_over_77_tokens(library) -> None:
     assert encoder.encode_images(images).shape == (2, encoder.dim)
     embeddings, truncated = encoder.encode_texts(["a valve", " ".join(["a brass valve with bolts"] * 30)])
     assert embeddings.shape == (2, encoder.dim) and truncated == [False, True]
+
+
+def test_open_clip_config_rejects_openai_weights_on_a_gelu_model() -> None:
+    with pytest.raises(ValueError, match=r"RN50-quickgelu"):
+        ClipConfig(library="open_clip", model_id="RN50", pretrained="openai")
+    assert ClipConfig(library="open_clip", model_id="RN50", pretrained="yfcc15m").model_id == "RN50"
 
 
 # --- reports ---------------------------------------------------------------------------------------------------------

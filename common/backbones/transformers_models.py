@@ -1,14 +1,17 @@
 """Frozen vision-language encoders from transformers (and open_clip), each with a tiny preset of the same class.
 
-Every factory returns ``(model, processor)`` with the model in eval mode. ``pretrained`` loads the hub id;
-``random`` builds the full architecture from the id's config with random weights (only the small config and
-processor files are fetched, or read from the cache); ``tiny`` builds the same model class from a small config
-with seeded random weights and a processor whose tokenizer is built locally, so it runs with no network at all.
+Every factory returns ``(model, processor)`` with the model in eval mode and in ``dtype``, with the class's
+``_keep_in_fp32_modules`` left in fp32 as ``from_pretrained`` leaves them (so callers move the model with
+``.to(device)`` only). ``pretrained`` loads the hub id; ``random`` builds the full architecture from the id's
+config with seeded random weights (only the small config and processor files are fetched, or read from the cache);
+``tiny`` builds the same model class from a small config with seeded random weights and a processor whose
+tokenizer is built locally, so it runs with no network at all.
 Tiny models produce meaningless captions, boxes and embeddings: they exist to run the real code paths in tests.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +57,7 @@ from common.backbones.presets import (
 )
 from common.backbones.registry import default_id
 from common.backbones.tokenizers import local_bert_tokenizer, local_clip_tokenizer, local_opt_tokenizer
+from common.errors import ConfigError
 
 # Shared by the tiny presets: a 2-layer, 32-wide ViT over 32x32 images (16 patches of 8x8).
 _TINY_VIT = {
@@ -65,6 +69,29 @@ _TINY_VIT = {
     "patch_size": 8,
 }
 _TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def build_model(
+    model_cls: type[PreTrainedModel], config: Any, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """``model_cls(config)`` with seeded random weights in ``dtype``, as ``from_pretrained(dtype=...)`` would load it.
+
+    Built directly in ``dtype`` (a full-size random model never exists in fp32), then the class's
+    ``_keep_in_fp32_modules`` (float16) and ``_keep_in_fp32_modules_strict`` (float16, bfloat16) are upcast, the
+    rule transformers applies at load: BLIP-2's Q-Former and query tokens stay fp32.
+    """
+    with seeded():  # the same weights in every run, so two runs of a random preset can share a cache entry
+        model = model_cls._from_config(config, dtype=dtype)
+    keep = set(model._keep_in_fp32_modules or ()) if dtype == torch.float16 else set()
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(model._keep_in_fp32_modules_strict or ())
+    if keep:
+        # transformers matches these names anywhere in a parameter's name (core_model_loading's glob search)
+        pattern = re.compile("|".join(name.replace("*", ".*") for name in sorted(keep)))
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if pattern.search(name) and tensor.is_floating_point():
+                tensor.data = tensor.data.float()
+    return model
 
 
 def _load_from_hub(
@@ -86,9 +113,7 @@ def _load_from_hub(
             model = model_cls.from_pretrained(model_id, dtype=dtype, use_safetensors=True, **hub)
         else:
             config = model_cls.config_class.from_pretrained(model_id, **hub)
-            model = model_cls(config)
-            if dtype is not None:
-                model = model.to(dtype)
+            model = build_model(model_cls, config, dtype)
     except (OSError, ValueError) as error:
         raise pretrained_unavailable(model_id, error) from None
     check_tokenizer_loaded(processor.tokenizer, model.config.text_config.vocab_size, model_id)
@@ -130,24 +155,48 @@ def create_clip(
         vision_config=_TINY_VIT,
         projection_dim=32,
     )
-    with seeded():
-        model = CLIPModel(config)
+    model = build_model(CLIPModel, config, dtype)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model.eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def check_open_clip_activation(model_name: str, pretrained: str | None) -> None:
+    """Refuse weights trained with QuickGELU on a model name that builds GELU (open_clip only warns).
+
+    OpenAI's CLIP weights (``openai``, and every tag whose pretrained config says ``quick_gelu``) were trained with
+    QuickGELU; open_clip's plain names (``RN50``) build GELU, so the text tower silently computes other features.
+    This is an error rather than a silent remap, so the config names the model that actually runs.
+    """
+    import open_clip
+
+    if not pretrained:
+        return
+    weights_quick = pretrained == "openai" or bool(
+        open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False)
+    )
+    model_config = open_clip.get_model_config(model_name) or {}
+    if weights_quick and not model_config.get("quick_gelu", False):
+        raise ConfigError(
+            f"open_clip weights {pretrained!r} were trained with QuickGELU, but {model_name!r} builds GELU: use "
+            f"model {model_name.removesuffix('-quickgelu')}-quickgelu"
+        )
+
+
 def create_open_clip(
-    model_name: str = "RN50",
+    model_name: str = "RN50-quickgelu",
     pretrained: str | None = "openai",
     *,
     preset: Preset = "pretrained",
+    dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor]]:
     """An open_clip model with its eval preprocessing and tokenizer: ``(model, preprocess, tokenizer)``.
 
     Needed for ITEM's CLIP ResNet-50 ablation, which transformers does not have. ``pretrained`` is open_clip's
-    weight tag (``openai`` for RN50); ``random`` builds ``model_name`` from open_clip's bundled config. The tiny
-    preset is open_clip's ``CLIP`` class with a ModifiedResNet vision tower (layers [1, 1, 1, 1], width 8) and a
-    2-layer text tower; it keeps open_clip's own tokenizer, whose BPE vocabulary ships inside the package.
+    weight tag (``openai`` for RN50, whose weights need the ``RN50-quickgelu`` model: a GELU name with QuickGELU
+    weights raises ConfigError, see `check_open_clip_activation`); ``random`` builds ``model_name`` from open_clip's
+    bundled config with seeded weights. The tiny preset is open_clip's ``CLIP`` class with a ModifiedResNet vision
+    tower (layers [1, 1, 1, 1], width 8) and a 2-layer QuickGELU text tower; it keeps open_clip's own tokenizer,
+    whose BPE vocabulary ships inside the package. ``dtype`` casts the whole model (open_clip keeps nothing in fp32).
     """
     try:
         import open_clip
@@ -165,20 +214,22 @@ def create_open_clip(
         preprocess = open_clip.image_transform(
             32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
         )
-        return model.eval(), preprocess, open_clip.get_tokenizer("RN50")
+        return model.to(dtype=dtype).eval(), preprocess, open_clip.get_tokenizer("RN50-quickgelu")
 
+    check_open_clip_activation(model_name, pretrained)
     weights = pretrained if preset == "pretrained" else None
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=weights, cache_dir=hub_kwargs()["cache_dir"]
-        )
+        with seeded():  # the random preset: the same weights in every run
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=weights, cache_dir=hub_kwargs()["cache_dir"]
+            )
         tokenizer = open_clip.get_tokenizer(model_name)
     except (OSError, RuntimeError, ValueError) as error:
         hub_repo = open_clip.get_pretrained_cfg(model_name, pretrained or "").get("hf_hub", "").strip("/")
         raise pretrained_unavailable(
             f"{model_name} ({pretrained})", error, repo_id=hub_repo or None
         ) from None
-    return model.eval(), preprocess, tokenizer
+    return model.to(dtype=dtype).eval(), preprocess, tokenizer
 
 
 def create_blip2(
@@ -231,8 +282,7 @@ def create_blip2(
         num_query_tokens=num_query_tokens,
         image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
-    with seeded():
-        model = Blip2ForConditionalGeneration(config)
+    model = build_model(Blip2ForConditionalGeneration, config, dtype)
     return model.eval(), processor
 
 
@@ -265,8 +315,7 @@ def create_blip(
         vision_config=_TINY_VIT,
         projection_dim=32,
     )
-    with seeded():
-        model = BlipForConditionalGeneration(config)
+    model = build_model(BlipForConditionalGeneration, config, dtype)
     image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
     return model.eval(), BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -281,7 +330,7 @@ def create_grounding_dino(
     """Grounding DINO open-vocabulary detector (ITEM's GLIP stand-in; prompt: lowercase phrases joined by ". ").
 
     The tiny preset uses a one-block-per-stage Swin backbone, a 2-layer BERT text tower, 2 encoder/decoder
-    layers and 10 queries; ``processor.post_process_grounded_object_detection`` runs on its outputs.
+    layers (64 wide, so one-image batches of any aspect work) and 10 queries; ``processor.post_process_grounded_object_detection`` runs on its outputs.
     """
     check_preset(preset)
     if preset != "tiny":
@@ -310,20 +359,21 @@ def create_grounding_dino(
             "max_position_embeddings": max_text_len,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        d_model=32,
+        # 64 channels in the neck's GroupNorm(32 groups): two values per group even on a 1x1 map, which a
+        # one-image batch of a small or elongated image reaches at the coarsest level.
+        d_model=64,
         encoder_layers=2,
         decoder_layers=2,
         encoder_attention_heads=4,
         decoder_attention_heads=4,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
         num_queries=10,
         encoder_n_points=2,
         decoder_n_points=2,
         max_text_len=max_text_len,
     )
-    with seeded():
-        model = GroundingDinoForObjectDetection(config)
+    model = build_model(GroundingDinoForObjectDetection, config, dtype)
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64})
     return model.eval(), GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -349,8 +399,7 @@ def create_owlv2(
         vision_config=_TINY_VIT,
         projection_dim=32,
     )
-    with seeded():
-        model = Owlv2ForObjectDetection(config)
+    model = build_model(Owlv2ForObjectDetection, config, dtype)
     image_processor = Owlv2ImageProcessor(size={"height": 32, "width": 32})
     return model.eval(), Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -414,6 +463,5 @@ def create_llava(
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    with seeded():
-        model = LlavaForConditionalGeneration(config)
+    model = build_model(LlavaForConditionalGeneration, config, dtype)
     return model.eval(), processor

@@ -1,7 +1,8 @@
 """The on-disk cache of ITEM's frozen stage: captions, phrases, boxes and CLIP embeddings, computed once per image.
 
-Layout, one directory per frozen-stage configuration (models, preset, dtype, preprocessing, perturbation,
-FEATURE_VERSION; `stage_key` hashes `FrozenStage.descriptor`)::
+Layout, one directory per frozen-stage configuration (models and their weights' revision, preset, dtype,
+preprocessing, perturbation, library versions, extraction-code fingerprint, FEATURE_VERSION; `stage_key` hashes
+`FrozenStage.descriptor`)::
 
     <cache_dir>/<stage_key[:16]>/manifest.json       the descriptor, and per shard: sha256, size, entry keys
     <cache_dir>/<stage_key[:16]>/shards/<sha256[:24]>.safetensors
@@ -12,8 +13,10 @@ changes its key: the old entry is never served for it.
 
 Never stale, never half-written:
   * a shard is written to a temporary file, fsynced and renamed (common.io), then committed by rewriting the
-    manifest the same way; the manifest is the only index, so a shard the manifest does not list (a crash
-    between the two renames) is ignored and deleted by the next writer;
+    manifest the same way; the manifest is the index, so a shard the manifest does not list (a crash between
+    the two renames) is ignored and deleted by the next writer;
+  * each shard also carries its own index entry in its metadata (stage key, entry keys, the skips committed
+    with it), so an unreadable manifest is rebuilt from the shards that verify instead of emptying the cache;
   * every read checks the shard's sha256 against the manifest and its stage key against the directory's; a
     shard that fails is dropped from the manifest and deleted, and its entries become misses, recomputed by the
     next extraction;
@@ -211,7 +214,8 @@ class FeatureTable:
         }
 
     # -- safetensors ------------------------------------------------------------------------------------------
-    def to_bytes(self, key_of_stage: str) -> bytes:
+    def to_bytes(self, key_of_stage: str, skipped: dict[str, str] | None = None) -> bytes:
+        """A safetensors shard whose metadata is enough to rebuild the cache's manifest entry for it."""
         tensors = {
             "global_image": self.global_image.contiguous(),
             "global_text": self.global_text.contiguous(),
@@ -229,6 +233,7 @@ class FeatureTable:
             "captions": json.dumps(self.captions),
             "phrases": json.dumps(self.phrases),
             "flag_names": json.dumps(list(FLAG_NAMES)),
+            "skipped": json.dumps(skipped or {}),
         }
         return save_safetensors(tensors, metadata=metadata)
 
@@ -304,20 +309,65 @@ class FeatureCache:
             "skipped": {},
         }
 
+    def _committed_manifest(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(the manifest on disk, None), or (None, why it cannot be used)."""
+        try:
+            manifest = json.loads(self.manifest_path.read_bytes())
+        except (OSError, ValueError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
+            return None, f"unreadable manifest ({type(err).__name__}: {err})"
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("stage_key") != self.key
+            or manifest.get("format") != CACHE_FORMAT
+        ):
+            return None, "manifest of another configuration"
+        return manifest, None
+
     def read_manifest(self) -> dict[str, Any]:
-        """The committed index; an unreadable or foreign manifest counts as empty (and is replaced on commit)."""
+        """The committed index. An unreadable or foreign manifest is rebuilt from the shards' own metadata and
+        rewritten, so no committed shard is lost (or deleted as uncommitted by the next writer)."""
         if not self.manifest_path.is_file():
             return self._empty_manifest()
-        try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        manifest, problem = self._committed_manifest()
+        if manifest is not None:
+            return manifest
+        with self.locked():
+            manifest, problem = self._committed_manifest()  # another writer may have rebuilt it meanwhile
+            if manifest is not None:
+                return manifest
+            manifest = self._rebuilt_manifest()
             log.warning(
-                "feature cache %s: unreadable manifest (%s); treating the cache as empty", self.dir, err
+                "feature cache %s: %s; rebuilt it from %d shards (%d entries)",
+                self.dir,
+                problem,
+                len(manifest["shards"]),
+                sum(len(record["keys"]) for record in manifest["shards"].values()),
             )
-            return self._empty_manifest()
-        if manifest.get("stage_key") != self.key or manifest.get("format") != CACHE_FORMAT:
-            log.warning("feature cache %s: manifest of another configuration; treating it as empty", self.dir)
-            return self._empty_manifest()
+            write_json(self.manifest_path, manifest)
+        return manifest
+
+    def _rebuilt_manifest(self) -> dict[str, Any]:
+        """The index recovered from every shard that verifies: its name is its sha256 prefix, and its metadata
+        carries the stage key, the entry keys and the skips committed with it. Others stay unlisted (garbage)."""
+        manifest = self._empty_manifest()
+        paths = sorted(self.shard_dir.glob("*.safetensors")) if self.shard_dir.is_dir() else []
+        for path in paths:
+            try:
+                data = path.read_bytes()
+                digest = hashlib.sha256(data).hexdigest()
+                metadata = safetensors_metadata(data)
+                if (
+                    path.name != f"{digest[:24]}.safetensors"
+                    or metadata.get("stage_key") != self.key
+                    or metadata.get("format") != str(CACHE_FORMAT)
+                ):
+                    continue
+                keys = json.loads(metadata["keys"])
+                skipped = json.loads(metadata.get("skipped", "{}"))
+            except (OSError, ValueError, KeyError):
+                continue
+            manifest["shards"][path.name] = {"sha256": digest, "bytes": len(data), "keys": keys}
+            manifest["skipped"].update(skipped)
         return manifest
 
     def status(self, keys: Sequence[str]) -> tuple[set[str], dict[str, str]]:
@@ -354,11 +404,12 @@ class FeatureCache:
                 path.unlink(missing_ok=True)
 
     def commit(self, table: FeatureTable, skipped: dict[str, str] | None = None) -> str | None:
-        """Write `table` as a new shard and add it (and `skipped`) to the manifest. Call under `locked()`."""
+        """Write `table` (and `skipped`, also in the shard's metadata) as a new shard and add it to the manifest.
+        Call under `locked()`."""
         manifest = self.read_manifest()
         name = None
-        if len(table):
-            data = table.to_bytes(self.key)
+        if len(table) or skipped:
+            data = table.to_bytes(self.key, skipped)
             digest = hashlib.sha256(data).hexdigest()
             name = f"{digest[:24]}.safetensors"
             write_bytes(self.shard_dir / name, data)

@@ -103,7 +103,8 @@ class GenerativeCaptioner:
         model, self.processor = factory(
             config.resolved_model_id, preset=preset, dtype=dtype, revision=config.revision
         )
-        self.model = model.to(device=device, dtype=dtype)
+        # Loaded in `dtype` by the factory; only moved here, as `.to(dtype)` would cast the fp32-kept modules too.
+        self.model = model.to(device=device)
         self.device, self.dtype = device, dtype
         self.prompt: str | None = None
         if config.name == "llava":

@@ -29,8 +29,9 @@ class ClipConfig:
 
     Args:
         library: transformers (ViT-L/14, ViT-B/16) or open_clip (RN50: Fig. 8).
-        model_id: hub id (transformers) or open_clip model name (e.g. RN50).
-        pretrained: open_clip weight tag (openai); ignored by transformers.
+        model_id: hub id (transformers) or open_clip model name (RN50-quickgelu for the OpenAI weights).
+        pretrained: open_clip weight tag (openai); ignored by transformers. OpenAI's weights were trained with
+            QuickGELU, so `openai` on a model name without `-quickgelu` is rejected, not remapped.
         revision: hub revision (branch, tag or commit) of model_id (transformers); default the registry's pin.
     """
 
@@ -42,6 +43,11 @@ class ClipConfig:
     def __post_init__(self) -> None:
         if self.library not in ("transformers", "open_clip"):
             raise ValueError(f"clip.library must be transformers or open_clip, got {self.library!r}")
+        if self.library == "open_clip" and self.pretrained == "openai" and "quickgelu" not in self.model_id:
+            raise ValueError(
+                f"clip.pretrained openai was trained with QuickGELU, but clip.model_id {self.model_id!r} builds "
+                f"GELU: use {self.model_id}-quickgelu"
+            )
 
     def descriptor(self) -> dict[str, Any]:
         out: dict[str, Any] = {"library": self.library, "model_id": self.model_id}
@@ -79,7 +85,7 @@ class ClipEncoder:
             self.dim = int(model.config.projection_dim)
         else:
             model, preprocess, tokenizer = backbones.create_open_clip(
-                config.model_id, config.pretrained, preset=preset
+                config.model_id, config.pretrained, preset=preset, dtype=dtype
             )
             # open_clip's pipeline works on PIL images; keep its tensor-capable steps (resize, crop, normalise).
             self.tensor_steps = T.Compose(
@@ -88,7 +94,7 @@ class ClipEncoder:
             self.tokenizer = tokenizer
             self.max_tokens = int(getattr(tokenizer, "context_length", 77))
             self.dim = int(model.text_projection.shape[1])
-        self.model = model.to(device=device, dtype=dtype).eval()
+        self.model = model.to(device=device).eval()  # loaded in `dtype` by the factory
 
     def _pixels(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.config.library == "transformers":

@@ -1,10 +1,10 @@
 """ITEM's frozen stage (Algorithm 1, lines 2-5): caption (Eq. 1), ground the caption's objects (Eq. 5), embed the
 image, the caption, every object crop and its phrase with CLIP (Eq. 2).
 
-Nothing here trains, so its outputs are a function of (image content, models, preprocessing, perturbation)
-only: `FrozenStage.descriptor` names exactly that, and the feature cache (cache.py) keys entries by it. The
-misalignment maths (Eq. 3-8) happens later, on the cached embeddings, so one extraction serves every
-w1/w2 setting and the empty-object policy.
+Nothing here trains, so its outputs are a function of (image content, models and their weights, library
+versions, extraction code, preprocessing, perturbation) only: `FrozenStage.descriptor` names exactly that, and
+the feature cache (cache.py) keys entries by it. The misalignment maths (Eq. 3-8) happens later, on the cached
+embeddings, so one extraction serves every w1/w2 setting and the empty-object policy.
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ from common.data.samples import Sample
 from projects.item_detector.captioning import CaptionerConfig, DatasetCaptioner, build_captioner
 from projects.item_detector.clip_encoders import ClipConfig, ClipEncoder
 from projects.item_detector.grounding import DatasetGrounder, GrounderConfig, build_grounder, select_objects
+from projects.item_detector.provenance import (
+    library_versions,
+    open_clip_weights_revision,
+    source_fingerprint,
+    weights_revision,
+)
 
 log = logging.getLogger("forgelab.item")
 
@@ -113,8 +119,9 @@ class FrozenStage:
         self._models: tuple[Any, Any, ClipEncoder] | None = None
 
     def descriptor(self, perturbation: str) -> dict[str, Any]:
-        """Everything the features depend on besides the image itself (the cache key). The model ids fix each
-        model's own preprocessing; FEATURE_VERSION covers ours."""
+        """Everything the features depend on besides the image itself (the cache key): the models and the
+        revision of their weights, the library versions, and a fingerprint of the extraction code (provenance.py);
+        FEATURE_VERSION marks deliberate changes of what our code computes."""
         return {
             "feature_version": FEATURE_VERSION,
             "preset": self.preset,
@@ -122,9 +129,29 @@ class FrozenStage:
             "captioner": self.captioner_config.descriptor(),
             "grounder": self.grounder_config.descriptor(),
             "clip": self.clip_config.descriptor(),
+            "weights": self.weights_revisions(),
+            "libraries": library_versions(open_clip=self.clip_config.library == "open_clip"),
+            "code": source_fingerprint(),
             "max_text_tokens": 77,
             "perturbation": perturbation,
         }
+
+    def weights_revisions(self) -> dict[str, str | None]:
+        """The snapshot commit (hub id) or content hash (local path) of each model's weights; `random` presets
+        name the config's revision. Tiny presets have none: their weights are built by the fingerprinted code."""
+        if self.preset == "tiny":
+            return {}
+        out: dict[str, str | None] = {}
+        if (captioner_id := self.captioner_config.resolved_model_id) is not None:
+            out["captioner"] = weights_revision(captioner_id)
+        if self.grounder_config.name not in ("dataset", "none"):
+            out["grounder"] = weights_revision(str(self.grounder_config.resolved_model_id))
+        clip = self.clip_config
+        if clip.library == "transformers":
+            out["clip"] = weights_revision(clip.model_id)
+        elif self.preset == "pretrained":  # open_clip's random preset is its bundled config (library version)
+            out["clip"] = open_clip_weights_revision(clip.model_id, clip.pretrained)
+        return out
 
     def annotations(self, sample: Sample) -> dict[str, Any] | None:
         """The manifest annotations an oracle reads for `sample` (part of its cache entry's key)."""

@@ -233,7 +233,7 @@ class GroundingDinoGrounder:
         model, self.processor = backbones.create_grounding_dino(
             config.resolved_model_id, preset=preset, dtype=dtype, revision=config.revision
         )
-        self.model = model.to(device=device, dtype=dtype)
+        self.model = model.to(device=device)  # loaded in `dtype` by the factory
         self.device, self.dtype = device, dtype
         self.max_text_len = int(self.model.config.max_text_len)
 
@@ -288,7 +288,7 @@ class GroundingDinoGrounder:
 
 
 class Owlv2Grounder:
-    """OWLv2 with the caption's noun phrases as text queries."""
+    """OWLv2 with the caption's noun phrases as text queries; an image's boxes do not depend on its batch."""
 
     def __init__(
         self, config: GrounderConfig, preset: str, device: torch.device, dtype: torch.dtype | None
@@ -297,7 +297,7 @@ class Owlv2Grounder:
         model, self.processor = backbones.create_owlv2(
             config.resolved_model_id, preset=preset, dtype=dtype, revision=config.revision
         )
-        self.model = model.to(device=device, dtype=dtype)
+        self.model = model.to(device=device)  # loaded in `dtype` by the factory
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
@@ -320,18 +320,21 @@ class Owlv2Grounder:
         if self.dtype is not None:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         outputs = self.model(**inputs)
+        # The processor pads shorter query lists, and OWLv2's own query mask (first token > 0) keeps the padded
+        # queries (they start with BOS): mask them here, so an image's boxes do not depend on its batch.
+        counts = torch.tensor([len(phrases[i]) for i in todo], device=outputs.logits.device)
+        padded = torch.arange(outputs.logits.shape[-1], device=counts.device) >= counts[:, None]
+        outputs.logits = outputs.logits.masked_fill(padded[:, None, :], torch.finfo(outputs.logits.dtype).min)
         # OWLv2 pads every image to a square at the bottom/right: boxes scale by the longer side.
         sides = [max(images[i].shape[-2:]) for i in todo]
         results = self.processor.post_process_grounded_object_detection(
             outputs, threshold=self.config.box_threshold, target_sizes=[(s, s) for s in sides]
         )
         for result, i in zip(results, todo, strict=True):
-            labels = result["labels"].cpu()
-            real = labels < len(phrases[i])  # queries beyond an image's own phrases are batch padding
             out[i] = Grounding(
-                [phrases[i][j] for j in labels[real].tolist()],
-                result["boxes"].float().cpu()[real],
-                result["scores"].float().cpu()[real],
+                [phrases[i][j] for j in result["labels"].tolist()],
+                result["boxes"].float().cpu(),
+                result["scores"].float().cpu(),
             )
         return out
 
