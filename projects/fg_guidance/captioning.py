@@ -55,11 +55,14 @@ class Captioner(nn.Module):
         model_id: str | None = None,
         preset: str = "pretrained",
         max_new_tokens: int = 30,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if kind not in CAPTIONERS:
             raise ValueError(f"captioner must be one of {sorted(CAPTIONERS)}, got {kind!r}")
-        model, processor = CAPTIONERS[kind](model_id or DEFAULT_CAPTIONER_IDS[kind], preset=preset)
+        model, processor = CAPTIONERS[kind](
+            model_id or DEFAULT_CAPTIONER_IDS[kind], preset=preset, dtype=dtype
+        )
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         self.max_new_tokens = max_new_tokens

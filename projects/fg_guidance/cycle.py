@@ -151,6 +151,16 @@ def ddim_reconstruct(
     return latents
 
 
+FROZEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_frozen_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a `frozen_dtype` config value (None for float32: the libraries' default)."""
+    if name not in FROZEN_DTYPES:
+        raise ConfigError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}; got {name!r}")
+    return None if name == "float32" else FROZEN_DTYPES[name]
+
+
 class FineGrainedGenerator(nn.Module):
     """G_theta: Stable Diffusion parts with LoRA on the UNet attention projections, and the DDIM cycle on them.
 
@@ -163,6 +173,10 @@ class FineGrainedGenerator(nn.Module):
         base_weights: a folder with UNet and VAE weights for the tiny architecture, written by
             `projects.fg_guidance.toy_diffusion` (the toy world's own small latent diffusion model); None keeps
             the preset's weights.
+        frozen_dtype: float32 | float16 | bfloat16, the dtype the frozen UNet, VAE and text encoder are loaded in
+            (`from_pretrained(dtype=...)`); the LoRA weights stay fp32. Half precision needs a mixed-precision
+            trainer (`precision: bf16-mixed` or `16-mixed`), whose autocast runs the mixed-dtype layers.
+        revision: hub revision (branch, tag or commit) of model_id.
     """
 
     def __init__(
@@ -173,11 +187,14 @@ class FineGrainedGenerator(nn.Module):
         lora_alpha: float = 4.0,
         image_size: int = 512,
         base_weights: str | None = None,
+        frozen_dtype: str = "float32",
+        revision: str | None = None,
     ) -> None:
         super().__init__()
         if lora_rank < 1:
             raise ConfigError(f"lora_rank must be >= 1, got {lora_rank}")
-        parts = create_diffusion_components(model_id, preset=preset)
+        dtype = resolve_frozen_dtype(frozen_dtype)
+        parts = create_diffusion_components(model_id, preset=preset, dtype=dtype, revision=revision)
         self.config: dict[str, Any] = {
             "model_id": parts.model_id,
             "preset": preset,
@@ -185,6 +202,8 @@ class FineGrainedGenerator(nn.Module):
             "lora_alpha": lora_alpha,
             "image_size": image_size,
             "base_weights": base_weights,
+            "frozen_dtype": frozen_dtype,
+            "revision": revision,
         }
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.latent_scale = float(self.vae.config.scaling_factor)
@@ -204,6 +223,8 @@ class FineGrainedGenerator(nn.Module):
         self.unet.add_adapter(
             LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(LORA_TARGETS))
         )
+        for weight in self.lora_parameters():  # theta trains in fp32 whatever the frozen parts are in
+            weight.data = weight.data.float()
         self.truncated_captions = 0
 
     # -- theta ---------------------------------------------------------------------------------------------------
@@ -367,6 +388,9 @@ class FineGrainedGenerator(nn.Module):
             config["lora_alpha"],
             config["image_size"],
             base_weights=str(directory / base) if base else None,
+            revision=config.get(
+                "revision"
+            ),  # the same base snapshot; sampling runs in fp32 (no autocast there)
         )
         lora_path = directory / LORA_FILE
         if not lora_path.is_file():

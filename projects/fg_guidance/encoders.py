@@ -48,9 +48,14 @@ class FrozenCLIP(nn.Module):
     Gradients flow through it (to the generated image) but never into its weights.
     """
 
-    def __init__(self, model_id: str = default_id("clip.fine_grained"), preset: str = "pretrained") -> None:
+    def __init__(
+        self,
+        model_id: str = default_id("clip.fine_grained"),
+        preset: str = "pretrained",
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        model, processor = create_clip(model_id, preset=preset)
+        model, processor = create_clip(model_id, preset=preset, dtype=dtype)  # loaded in dtype, never cast
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = processor.tokenizer
         crop = processor.image_processor.crop_size

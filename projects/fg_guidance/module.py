@@ -41,7 +41,7 @@ from common.errors import ConfigError
 from common.io import write_csv, write_json
 from common.reporting import image_grid, log_figure, log_pil
 from projects.fg_guidance.captioning import Captioner, caption_fidelity
-from projects.fg_guidance.cycle import FineGrainedGenerator, check_steps
+from projects.fg_guidance.cycle import FineGrainedGenerator, check_steps, resolve_frozen_dtype
 from projects.fg_guidance.encoders import FrozenCLIP, ImageFeatures, phrase_pairs
 from projects.fg_guidance.gradnorm import GradNorm, task_gradient_norms
 from projects.fg_guidance.losses import (
@@ -91,6 +91,10 @@ class FineGrainedGuidance(L.LightningModule):
         lr, weight_decay, max_grad_norm: AdamW on the LoRA weights; gradient clipping (None: off).
         image_log_every_n_epochs: how often the validation grid is drawn.
         seed: seed of the per-step degradation generator.
+        frozen_dtype: dtype of every frozen part (SD UNet/VAE/text encoder, CLIP f/g, the captioner), loaded so
+            by `from_pretrained(dtype=...)`; the LoRA weights theta and GradNorm's lambdas stay fp32. Use
+            bfloat16/float16 with a mixed-precision trainer (`precision: bf16-mixed`).
+        revision: hub revision of model_id (the CLIP and captioner ids follow their repos' main or registry pin).
     """
 
     monitor = "val/loss"
@@ -132,6 +136,8 @@ class FineGrainedGuidance(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         image_log_every_n_epochs: int = 1,
         seed: int = 0,
+        frozen_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        revision: str | None = None,
     ) -> None:
         super().__init__()
         check_steps(num_inference_steps, grad_steps)
@@ -160,10 +166,20 @@ class FineGrainedGuidance(L.LightningModule):
 
             ensure_toy_diffusion(base_weights)
         self.generator = FineGrainedGenerator(
-            model_id, preset, lora_rank, lora_alpha, image_size, base_weights=base_weights
+            model_id,
+            preset,
+            lora_rank,
+            lora_alpha,
+            image_size,
+            base_weights=base_weights,
+            frozen_dtype=frozen_dtype,
+            revision=revision,
         )
-        self.encoder = FrozenCLIP(clip_model_id, preset=preset)
-        self.captioner = Captioner(captioner, captioner_id, preset=preset) if captioner is not None else None
+        dtype = resolve_frozen_dtype(frozen_dtype)
+        self.encoder = FrozenCLIP(clip_model_id, preset=preset, dtype=dtype)
+        self.captioner = (
+            Captioner(captioner, captioner_id, preset=preset, dtype=dtype) if captioner is not None else None
+        )
         self.gradnorm = GradNorm(
             lambdas,
             alpha=gradnorm_alpha,
