@@ -261,7 +261,7 @@ def report(requirements: Sequence[Requirement]) -> tuple[str, list[Requirement]]
             missing.append(requirement)
         note = f"; {entry.note}" if "mirror" in entry.note else ""
         lines.append(
-            f"| {entry.name} | {entry.family} | {revision} | {needs} | {state} | {entry.roles[0]}{note} |"
+            f"| {entry.name} | {entry.family} | {revision} | {needs} | {state} | {'; '.join(entry.roles)}{note} |"
         )
     if missing:
         lines += ["", "To fetch what is missing (on a machine with network access):", ""]
