@@ -34,6 +34,7 @@ from common.backbones import (
     local_opt_tokenizer,
     timm_data_config,
 )
+from common.backbones import registry
 from common.backbones import tokenizers as local_tokenizers
 from tests.cli_helpers import CONFIGS
 
@@ -210,7 +211,7 @@ def test_timm_pretrained_offline_raises_one_actionable_error(tmp_path, monkeypat
         (create_blip2, "Salesforce/blip2-opt-2.7b"),
         (create_grounding_dino, "IDEA-Research/grounding-dino-tiny"),
         (create_llava, "llava-hf/llava-1.5-7b-hf"),
-        (create_diffusion_components, "stabilityai/stable-diffusion-2-1-base"),
+        (create_diffusion_components, registry.default_id("sd.text2img")),
     ],
 )
 @pytest.mark.parametrize("preset", ["pretrained", "random"])
@@ -424,7 +425,7 @@ def test_tiny_text2img_pipeline_generates_images_at_32_and_64_px() -> None:
 def test_tiny_inpaint_pipeline_runs_with_a_nine_channel_unet() -> None:
     components = create_diffusion_components(preset="tiny", inpainting=True)
     assert components.unet.config.in_channels == 9
-    assert components.model_id == "stabilityai/stable-diffusion-2-inpainting"
+    assert components.model_id == registry.default_id("sd.inpainting")
     pipeline = build_pipeline(components, "inpaint")
     pipeline.set_progress_bar_config(disable=True)
     mask = Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), 8))
