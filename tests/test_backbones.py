@@ -32,9 +32,9 @@ from common.backbones import (
     local_bert_tokenizer,
     local_clip_tokenizer,
     local_opt_tokenizer,
+    registry,
     timm_data_config,
 )
-from common.backbones import registry
 from common.backbones import tokenizers as local_tokenizers
 from tests.cli_helpers import CONFIGS
 
