@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from common.cli import main as forgelab
+from common.experiment.cli import main as forgelab
 from common.data.toy_world import ensure_toy_world
 from projects.item_detector.data import ItemFeatures, load_image_tensor
 

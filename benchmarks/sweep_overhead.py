@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from common.sweep import LocalSweep, Trial, trial_command
+from common.experiment.sweep import LocalSweep, Trial, trial_command
 
 PROGRAM = Path(__file__).resolve().parents[1] / "tests" / "sweep_program.py"
 
@@ -59,7 +59,7 @@ def run(trials: int = 6, trial_seconds: float = 1.0, history: int = 40) -> dict[
             """Wall time of `forgelab sweep` running the first n grid points (process start to exit)."""
             sweep_file = root / f"{name}.yaml"
             sweep_file.write_text(yaml.safe_dump(definition | {"name": name}))
-            main = "import sys; from common.sweep import main; main(sys.argv[1:])"
+            main = "import sys; from common.experiment.sweep import main; main(sys.argv[1:])"
             command = [sys.executable, "-c", main, str(sweep_file), "--root", str(root), "--count", str(n)]
             start = time.perf_counter()
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)

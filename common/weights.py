@@ -63,7 +63,7 @@ class CacheStatus:
 
 def resolve_config(config_files: Sequence[str]) -> dict[str, Any]:
     """The full config the command of these files would run with (defaults included), via its own parser."""
-    from common.cli import main
+    from common.experiment.cli import main
 
     command = "fit"
     for path in config_files:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from common.cli import main
+from common.experiment.cli import main
 from common.io import write_text
 from tests.conftest import REPO
 

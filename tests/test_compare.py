@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from common.compare import (
+from common.experiment.compare import (
     Comparison,
     collect,
     load_run_dir,
@@ -20,7 +20,7 @@ from common.compare import (
     record_from_wandb_run,
     render_table_spec,
 )
-from common.runs import recording_outcome, run_outcome
+from common.experiment.runs import recording_outcome, run_outcome
 from tests.cli_helpers import CONFIGS, run_cli
 
 TABLE3 = CONFIGS / "inpaint_probe" / "tables" / "table3.yaml"

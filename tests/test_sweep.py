@@ -20,8 +20,8 @@ import pytest
 import wandb
 import yaml
 
-from common import sweep as sweep_module
-from common.sweep import SweepInterrupted, load_sweep_file, trial_command
+from common.experiment import sweep as sweep_module
+from common.experiment.sweep import SweepInterrupted, load_sweep_file, trial_command
 from tests.cli_helpers import CONFIGS, run_cli, tiny_overrides
 from tests.conftest import REPO
 
@@ -132,7 +132,7 @@ def test_trial_command_is_wandb_agents_format():
         "--flag=True",
         "--trainer.fast_dev_run=true",
     ]
-    assert Path(command[0]).name == "forgelab" or command[1:3] == ["-m", "common.cli"]
+    assert Path(command[0]).name == "forgelab" or command[1:3] == ["-m", "common.experiment.cli"]
 
 
 @pytest.mark.parametrize(
@@ -419,7 +419,7 @@ def test_sweep_killed_mid_trial_resumes_from_the_trials_checkpoint(small_toy_wor
     """SIGKILL of the sweep process while a trial trains: the trial is told to stop (parent-death signal), and
     the same command resumes it from its last checkpoint in the same run directory."""
     path = _tiny_classifier_sweep(tmp_path, small_toy_world, [2.0e-3], "--trainer.max_epochs=4")
-    command = [sys.executable, "-m", "common.cli", "sweep", str(path), "--root", str(tmp_path)]
+    command = [sys.executable, "-m", "common.experiment.cli", "sweep", str(path), "--root", str(tmp_path)]
     controller = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL)
     trial_dir = tmp_path / "sweeps" / "classifier_tiny" / "trial-000"
     deadline = time.monotonic() + 240

@@ -28,7 +28,7 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.io import write_json
-from common.runs import RunSettings, build_loggers, recording_outcome, start_run_record
+from common.experiment.runs import RunSettings, build_loggers, recording_outcome, start_run_record
 
 log = logging.getLogger("forgelab.fg_guidance")
 
@@ -40,7 +40,7 @@ COLUMNS = ("method", "without (%)", "with (%)", "cost (ms)")
 
 
 class _Reporter:
-    """What common.reporting needs from a trainer: the run directory and the loggers."""
+    """What common.experiment.reporting needs from a trainer: the run directory and the loggers."""
 
     def __init__(self, root: Path, loggers: list[Any]) -> None:
         self.default_root_dir, self.loggers = str(root), loggers
@@ -85,7 +85,7 @@ def markdown_table(columns: tuple[str, ...], rows: list[list[Any]]) -> str:
 
 def run_fit(args: list[str]) -> None:
     """`forgelab fit <args>` in this process (LightningCLI reads sys.argv too: hide this command's own)."""
-    from common.cli import main as forgelab
+    from common.experiment.cli import main as forgelab
 
     saved = sys.argv[1:]
     sys.argv[1:] = []
@@ -162,7 +162,7 @@ def main(argv: list[str]) -> None:
     write_json(
         table_dir / "runs.json", {"augmented": str(augmented), "cost_ms_per_image": cost, "runs": runs}
     )
-    from common.reporting import log_table
+    from common.experiment.reporting import log_table
 
     markdown = markdown_table(COLUMNS, rows)
     with recording_outcome(table_dir, record):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from common.backbones import create_timm_classifier, timm_data_config
 from common.metrics import RealFakeMetrics
-from common.reporting import image_grid, log_pil
+from common.experiment.reporting import image_grid, log_pil
 from common.tasks import RealFakeTask
 
 

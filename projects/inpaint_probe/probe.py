@@ -39,8 +39,8 @@ from PIL import Image
 
 from common.errors import ConfigError
 from common.io import save_image, write_csv, write_json, write_text
-from common.reporting import log_figure, log_pil, log_table
-from common.runs import (
+from common.experiment.reporting import log_figure, log_pil, log_table
+from common.experiment.runs import (
     RunSettings,
     build_loggers,
     flatten_config,
@@ -162,7 +162,7 @@ class ImageSet:
 
 @dataclass
 class Reporter:
-    """What common.reporting needs from a trainer: the run directory and the loggers."""
+    """What common.experiment.reporting needs from a trainer: the run directory and the loggers."""
 
     default_root_dir: str
     loggers: list[Any]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from common.reporting import image_grid
+from common.experiment.reporting import image_grid
 
 
 def _pil(image: torch.Tensor) -> Image.Image:

@@ -23,7 +23,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from common.errors import ConfigError
 from common.io import write_json
-from common.runs import RunSettings, recording_outcome, resolve_run_dir, start_run_record
+from common.experiment.runs import RunSettings, recording_outcome, resolve_run_dir, start_run_record
 from projects.item_detector.data import ItemFeatures
 
 

@@ -4,7 +4,7 @@ the representation D, real vs generated, per generator).
 
 Builders here are plain functions of metric reports (`common.metrics.RealFakeMetrics.compute()` output:
 {generator: {acc, real_acc, fake_acc, ap, ...}, "mean": ..., "pooled": ...}); the model and the
-`forgelab item-compare` command write what they return with common.reporting (CSV + Markdown + W&B).
+`forgelab item-compare` command write what they return with common.experiment.reporting (CSV + Markdown + W&B).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from common.errors import ConfigError
 from common.io import write_json
 from common.perturbations import Perturbation
-from common.reporting import log_figure, log_table
+from common.experiment.reporting import log_figure, log_table
 
 Report = Mapping[str, Mapping[str, float]]
 
@@ -271,7 +271,7 @@ def compare_main(argv: list[str]) -> None:
     if not args.no_wandb:
         from lightning.pytorch.loggers import WandbLogger
 
-        from common.runs import wandb_mode
+        from common.experiment.runs import wandb_mode
 
         loggers.append(
             WandbLogger(

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from common.compare import (
+from common.experiment.compare import (
     SWEEP_STATE,
     compare_runs,
     display_key,
@@ -57,7 +57,7 @@ from common.compare import (
     metric_goal,
     read_metrics_csv,
 )
-from common.env import RUN_DIR_ENV
+from common.experiment.env import RUN_DIR_ENV
 from common.errors import ConfigError, ForgelabError
 from common.io import write_json, write_text
 
@@ -152,7 +152,7 @@ def sweep_name(definition: dict[str, Any], path: str | Path) -> str:
 def forgelab_executable() -> list[str]:
     """The `forgelab` of this environment (the console script next to this Python, else `python -m`)."""
     script = shutil.which("forgelab", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "common.cli"]
+    return [script] if script else [sys.executable, "-m", "common.experiment.cli"]
 
 
 def _args_macros(params: dict[str, Any]) -> dict[str, list[str]]:
@@ -192,7 +192,7 @@ def trial_command(
 def is_forgelab_trainer_command(command: list[str]) -> bool:
     """Whether the command is `forgelab fit|validate|test ...` (it then takes forgelab's run options)."""
     for i, token in enumerate(command):
-        if Path(token).name == "forgelab" or (token == "common.cli" and i > 0 and command[i - 1] == "-m"):
+        if Path(token).name == "forgelab" or (token == "common.experiment.cli" and i > 0 and command[i - 1] == "-m"):
             return i + 1 < len(command) and command[i + 1] in ("fit", "validate", "test")
     return False
 

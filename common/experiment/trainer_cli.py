@@ -1,6 +1,6 @@
 """`ForgelabCLI`: LightningCLI in subclass mode with forgelab's run directories, loggers and reports.
 
-Kept apart from `common.cli` so that `forgelab --help` and the projects' own commands start without importing
+Kept apart from `common.experiment.cli` so that `forgelab --help` and the projects' own commands start without importing
 Lightning.
 """
 
@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from common.errors import ConfigError, ForgelabError
 from common.io import write_json
-from common.runs import (
+from common.experiment.runs import (
     RUN_DIR_ENV,
     DataHealthCallback,
     RunConfigCallback,

@@ -37,8 +37,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from common.configs import flatten_config
-from common.env import RUN_DIR_ENV
+from common.experiment.configs import flatten_config
+from common.experiment.env import RUN_DIR_ENV
 from common.io import atomic_open, write_json, write_text
 
 log = logging.getLogger("forgelab")

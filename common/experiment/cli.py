@@ -6,7 +6,7 @@
 
 Model and data are given in subclass mode (`class_path` + `init_args`), so one trainer config schema serves all
 projects and trainer presets (configs/trainer/*.yaml) stack with any project config by repeated `--config`.
-The trainer commands live in `common.trainer_cli`, imported only when one of them runs.
+The trainer commands live in `common.experiment.trainer_cli`, imported only when one of them runs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from common.env import RUN_DIR_ENV
+from common.experiment.env import RUN_DIR_ENV
 from common.errors import ForgelabError
 
 log = logging.getLogger("forgelab")
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             command: Callable[[list[str]], Any] = commands[args[0]].load()
             command(args[1:])
         else:
-            from common.trainer_cli import ForgelabCLI
+            from common.experiment.trainer_cli import ForgelabCLI
 
             if argv is None:  # from the console: let LightningCLI read sys.argv, minus what we removed
                 sys.argv[1:] = args

@@ -37,11 +37,11 @@ import matplotlib.pyplot as plt
 import yaml
 from matplotlib.ticker import MaxNLocator
 
-from common.configs import flatten_config
+from common.experiment.configs import flatten_config
 from common.errors import ConfigError, ForgelabError
 from common.io import save_figure, write_csv, write_text
 
-SWEEP_STATE = "sweep.json"  # a sweep directory's state (common/sweep.py)
+SWEEP_STATE = "sweep.json"  # a sweep directory's state (common/experiment/sweep.py)
 
 # config keys that differ between any two runs without saying anything about them
 IGNORED_KEYS = {"run.name", "run.root", "run.notes", "ckpt_path", "trainer.default_root_dir"}
