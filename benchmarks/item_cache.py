@@ -34,8 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from common.experiment.cli import main as forgelab
 from common.data.toy_world import ensure_toy_world
+from common.experiment.cli import main as forgelab
 from projects.item_detector.data import ItemFeatures, load_image_tensor
 
 REPO = Path(__file__).resolve().parents[1]

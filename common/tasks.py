@@ -18,9 +18,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from common.experiment.reporting import curves_figure, image_grid, log_figure, log_pil, log_table
 from common.io import write_csv, write_json
 from common.metrics import METRIC_NAMES, RealFakeMetrics, format_table
-from common.experiment.reporting import curves_figure, image_grid, log_figure, log_pil, log_table
 
 
 class RealFakeTask(L.LightningModule):

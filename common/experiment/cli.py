@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from common.experiment.env import RUN_DIR_ENV
 from common.errors import ForgelabError
+from common.experiment.env import RUN_DIR_ENV
 
 log = logging.getLogger("forgelab")
 

@@ -37,8 +37,8 @@ import matplotlib.pyplot as plt
 import yaml
 from matplotlib.ticker import MaxNLocator
 
-from common.experiment.configs import flatten_config
 from common.errors import ConfigError, ForgelabError
+from common.experiment.configs import flatten_config
 from common.io import save_figure, write_csv, write_text
 
 SWEEP_STATE = "sweep.json"  # a sweep directory's state (common/experiment/sweep.py)

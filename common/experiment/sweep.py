@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from common.errors import ConfigError, ForgelabError
 from common.experiment.compare import (
     SWEEP_STATE,
     compare_runs,
@@ -58,7 +59,6 @@ from common.experiment.compare import (
     read_metrics_csv,
 )
 from common.experiment.env import RUN_DIR_ENV
-from common.errors import ConfigError, ForgelabError
 from common.io import write_json, write_text
 
 with warnings.catch_warnings():  # sweeps 0.3 declares a pydantic v1 config key; harmless
@@ -192,7 +192,9 @@ def trial_command(
 def is_forgelab_trainer_command(command: list[str]) -> bool:
     """Whether the command is `forgelab fit|validate|test ...` (it then takes forgelab's run options)."""
     for i, token in enumerate(command):
-        if Path(token).name == "forgelab" or (token == "common.experiment.cli" and i > 0 and command[i - 1] == "-m"):
+        if Path(token).name == "forgelab" or (
+            token == "common.experiment.cli" and i > 0 and command[i - 1] == "-m"
+        ):
             return i + 1 < len(command) and command[i + 1] in ("fit", "validate", "test")
     return False
 

@@ -18,7 +18,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from common.errors import ConfigError, ForgelabError
-from common.io import write_json
 from common.experiment.runs import (
     RUN_DIR_ENV,
     DataHealthCallback,
@@ -30,6 +29,7 @@ from common.experiment.runs import (
     run_outcome,
     start_run_record,
 )
+from common.io import write_json
 
 log = logging.getLogger("forgelab")
 

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from common.backbones.registry import default_id
 from common.degradations import ENVIRONMENTS, TEMPORAL, apply_degradation, random_degradation
 from common.errors import ConfigError
-from common.io import write_csv, write_json
 from common.experiment.reporting import image_grid, log_figure, log_pil
+from common.io import write_csv, write_json
 from projects.fg_guidance.captioning import Captioner, caption_fidelity
 from projects.fg_guidance.cycle import FineGrainedGenerator, check_steps, resolve_frozen_dtype
 from projects.fg_guidance.encoders import FrozenCLIP, ImageFeatures, phrase_pairs

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.io import write_json
 from common.experiment.runs import RunSettings, build_loggers, recording_outcome, start_run_record
+from common.io import write_json
 
 log = logging.getLogger("forgelab.fg_guidance")
 

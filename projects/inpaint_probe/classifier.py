@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from common.backbones import create_timm_classifier, timm_data_config
-from common.metrics import RealFakeMetrics
 from common.experiment.reporting import image_grid, log_pil
+from common.metrics import RealFakeMetrics
 from common.tasks import RealFakeTask
 
 

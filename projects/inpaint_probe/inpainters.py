@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from common.backbones import load_local_weights
 from common.backbones.presets import check_preset
 from common.errors import ConfigError
-from common.io import write_json
 from common.experiment.reporting import log_pil, log_table
+from common.io import write_json
 from projects.inpaint_probe.gated_conv import DeepFillV2Generator, SNPatchGANDiscriminator
 from projects.inpaint_probe.losses import (
     LIU_WEIGHTS,

@@ -38,7 +38,6 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from PIL import Image
 
 from common.errors import ConfigError
-from common.io import save_image, write_csv, write_json, write_text
 from common.experiment.reporting import log_figure, log_pil, log_table
 from common.experiment.runs import (
     RunSettings,
@@ -48,6 +47,7 @@ from common.experiment.runs import (
     resolve_run_dir,
     start_run_record,
 )
+from common.io import save_image, write_csv, write_json, write_text
 from projects.inpaint_probe.data import FitMode, fit_image, index_images
 from projects.inpaint_probe.fid import (
     FeatureMode,

@@ -22,8 +22,8 @@ import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from common.errors import ConfigError
-from common.io import write_json
 from common.experiment.runs import RunSettings, recording_outcome, resolve_run_dir, start_run_record
+from common.io import write_json
 from projects.item_detector.data import ItemFeatures
 
 

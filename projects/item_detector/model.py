@@ -22,9 +22,9 @@ from lightning.pytorch.loggers import WandbLogger
 from torchvision.transforms.functional import pil_to_tensor
 
 from common.data.images import ImageDecodeError, load_rgb
+from common.experiment.reporting import log_figure, log_table
 from common.io import write_csv, write_json
 from common.metrics import RealFakeMetrics
-from common.experiment.reporting import log_figure, log_table
 from common.tasks import RealFakeTask
 from projects.item_detector.head import MisalignmentHead, fake_probability, item_bce
 from projects.item_detector.misalignment import (

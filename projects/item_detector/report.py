@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError
+from common.experiment.reporting import log_figure, log_table
 from common.io import write_json
 from common.perturbations import Perturbation
-from common.experiment.reporting import log_figure, log_table
 
 Report = Mapping[str, Mapping[str, float]]
 
