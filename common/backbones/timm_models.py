@@ -63,6 +63,13 @@ def create_timm_classifier(
     the weights' hub repository (default: the registry's pinned revision, if any).
     """
     check_preset(preset)
+    arch, _ = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        near = timm.list_models(f"{arch[:5]}*")[:5]
+        raise ConfigError(
+            f"backbone={name!r} is not a timm model; allowed: any timm.list_models() name"
+            + (f", e.g. {', '.join(near)}" if near else f", e.g. {', '.join(TIMM_CLASSIFIERS)}")
+        )
     if preset == "tiny":
         with seeded():
             model = _create_tiny(name, num_classes=num_classes, **timm_kwargs)

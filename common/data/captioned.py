@@ -178,7 +178,7 @@ class CaptionedParts(L.LightningDataModule):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not manifest and not train_manifest:
             raise ValueError("set data.init_args.manifest (with a split column) or data.init_args.train_manifest")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.manifest, self.toy_world = manifest, toy_world
         self.split_manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
         self.extra_train_manifests = list(extra_train_manifests or [])

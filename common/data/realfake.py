@@ -141,7 +141,7 @@ class RealFakeFolder(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         Perturbation.parse(test_perturbation)  # fail at config time, not at the first test batch
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.train_root, self.val_root, self.test_root = train_root, val_root, test_root
         self.predict_root = predict_root
         self.image_size, self.resize = image_size, resize

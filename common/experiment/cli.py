@@ -20,6 +20,7 @@ from typing import Any
 
 from common.errors import ForgelabError
 from common.experiment.env import RUN_DIR_ENV
+from common.experiment.wandb_state import finish_wandb_run
 
 log = logging.getLogger("forgelab")
 
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _print_overview(commands)
         return
     inherited_run_dir = os.environ.get(RUN_DIR_ENV)
+    exit_code = 1  # what W&B records for a run this call leaves open: 0 only when the command returns
     try:
         if args[0] in commands and args[0] not in TRAINER_COMMANDS:
             command: Callable[[list[str]], Any] = commands[args[0]].load()
@@ -71,24 +73,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             if argv is None:  # from the console: let LightningCLI read sys.argv, minus what we removed
                 sys.argv[1:] = args
             ForgelabCLI(args=None if argv is None else args)
+        exit_code = 0
+    except KeyboardInterrupt:
+        exit_code = 255  # wandb's own code for a Ctrl-C
+        raise
     except ForgelabError as err:
         print(f"forgelab: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:  # the next run in this process (a sweep, a test) must not inherit this run's directory or W&B run
         if inherited_run_dir is None:
             os.environ.pop(RUN_DIR_ENV, None)
-        finish_wandb_run()
-
-
-def finish_wandb_run() -> None:
-    """Close the process's W&B run: WandbLogger reuses an active `wandb.run`, which would merge the next run
-    started in this process into this one, and an offline run's file is complete only once finished. `finish`
-    returns before W&B's service has written the last records; `teardown` waits for it (and lets the next run
-    in this process read the environment afresh, as `wandb agent` does between runs)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
-        wandb.teardown()
+        finish_wandb_run(exit_code)
 
 
 if __name__ == "__main__":

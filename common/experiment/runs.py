@@ -25,20 +25,24 @@ import secrets
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.logger import _add_prefix  # what WandbLogger.log_metrics itself uses
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
-from common.experiment.configs import flatten_config
+from common.errors import ConfigError
+from common.experiment.configs import wandb_config
 from common.experiment.env import RUN_DIR_ENV
+from common.experiment.wandb_files import last_step
 from common.io import atomic_open, write_json, write_text
 
 log = logging.getLogger("forgelab")
@@ -117,20 +121,145 @@ def resolve_run_dir(
     return run_dir, False
 
 
-def wandb_mode() -> str:
-    """WANDB_MODE if the user set it; otherwise online when logged in (API key in env or ~/.netrc), else offline."""
-    mode = os.environ.get("WANDB_MODE")
-    if mode:
-        return mode
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        credentials = netrc.netrc().authenticators(
-            os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]
+CHECKPOINT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+@dataclass
+class RunLocation:
+    """Where a trainer command writes, and the checkpoint Lightning is given.
+
+    Attributes:
+        run_dir: the run directory.
+        resumed: whether it continues an existing run (same directory, same W&B id).
+        ckpt_path: what Lightning's `ckpt_path` becomes (a run name resolved to its checkpoint).
+        source: the checkpoint an evaluation (validate/test/predict) reads, recorded in its run.json.
+    """
+
+    run_dir: Path
+    resumed: bool
+    ckpt_path: str | None
+    source: str | None = None
+
+
+def find_run_by_wandb_id(base: Path, wandb_id: str) -> Path | None:
+    """The run directory under `base` whose run.json records W&B id `wandb_id` (newest if several)."""
+    found = [
+        p.parent for p in base.glob("*/run.json") if read_run_record(p.parent).get("wandb_id") == wandb_id
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _named_run(base: Path, name: str) -> Path | None:
+    """A run given by name (`runs/<project>/<name>`) or by its directory path."""
+    for candidate in (base / name, Path(name)):
+        if (candidate / "run.json").is_file():
+            return candidate
+    return None
+
+
+def _run_checkpoint(run: Path, prefer_best: bool) -> Path:
+    checkpoints = run / "checkpoints"
+    best = sorted(checkpoints.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if prefer_best and best:
+        return best[-1]
+    if (checkpoints / "last.ckpt").is_file():
+        return checkpoints / "last.ckpt"
+    raise ConfigError(f"run {run} has no checkpoints/last.ckpt to {'test' if prefer_best else 'resume'}")
+
+
+def _new_run_dir(base: Path, name: str | None, model_class_path: str | None) -> Path:
+    """A new run directory; an explicit name that already holds a run is refused, never silently renamed."""
+    if name is None:
+        return base / default_run_name(model_class_path)
+    run_dir = base / _slug(name)
+    if (run_dir / "run.json").is_file():
+        outcome = read_run_record(run_dir).get("outcome", "unknown")
+        raise ConfigError(
+            f"run.name={name}: {run_dir} exists (outcome: {outcome}); resume it with --ckpt_path last, "
+            "or choose another --run.name"
         )
+    return run_dir
+
+
+def locate_trainer_run(
+    settings: RunSettings, model_class_path: str | None, ckpt_path: str | None, subcommand: str
+) -> RunLocation:
+    """The run directory of `forgelab fit|validate|test|predict` and the checkpoint it loads.
+
+    fit resumes a run in place when `ckpt_path` is one of its checkpoints, the name of a run (`runs/<project>/`
+    or a path: its `last.ckpt`), or Lightning's `last`/`hpc` together with an existing `run.name` (or the
+    scheduler-derived default name); without `ckpt_path` a `WANDB_RUN_ID` (set by `wandb agent` when it
+    re-runs a pre-empted run) resumes the run that recorded it from its `last.ckpt`. validate/test/predict
+    always write a new run (`<source run>-<command>-<time>`) recording the checkpoint it evaluates, so nothing
+    the training run wrote is replaced.
+    """
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited:  # a DDP parent (or a sweep) chose the directory
+        return RunLocation(Path(inherited), (Path(inherited) / "run.json").is_file(), ckpt_path)
+    base = Path(settings.root) / _slug(settings.project)
+    keyword = ckpt_path in CHECKPOINT_KEYWORDS
+    if subcommand != "fit":
+        source_run = run_dir_from_checkpoint(ckpt_path)
+        if ckpt_path and not keyword and not Path(ckpt_path).is_file():
+            named = _named_run(base, ckpt_path)
+            if named is None:
+                raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file, nor a run under {base}")
+            source_run, ckpt_path = named, str(_run_checkpoint(named, prefer_best=True))
+        name = settings.name
+        if name is None and source_run is not None:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            name = f"{source_run.name}-{subcommand}-{stamp}-{secrets.token_hex(2)}"
+        source = str(Path(ckpt_path).resolve()) if ckpt_path and not keyword else ckpt_path
+        return RunLocation(_new_run_dir(base, name, model_class_path), False, ckpt_path, source)
+    if ckpt_path and not keyword:
+        if Path(ckpt_path).is_file():
+            resumed = run_dir_from_checkpoint(ckpt_path)
+            if resumed is not None:
+                return RunLocation(resumed, True, ckpt_path)
+            # weights from outside any run (e.g. a downloaded checkpoint): a new run starts from them
+            return RunLocation(_new_run_dir(base, settings.name, model_class_path), False, ckpt_path)
+        named = _named_run(base, ckpt_path)
+        if named is None:
+            raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file, nor a run under {base}")
+        return RunLocation(named, True, str(_run_checkpoint(named, prefer_best=False)))
+    agent_id = os.environ.get("WANDB_RUN_ID")
+    if ckpt_path is None and agent_id and settings.name is None:
+        previous = find_run_by_wandb_id(base, agent_id)
+        if previous is not None:
+            log.info("W&B run id %s: resuming %s from its last checkpoint", agent_id, previous)
+            return RunLocation(previous, True, "last")
+    if keyword:  # Lightning's own keywords: "last" and "hpc" look in this run's checkpoint directory
+        run_dir = base / _slug(settings.name or default_run_name(model_class_path))
+        if (run_dir / "run.json").is_file():
+            return RunLocation(run_dir, True, ckpt_path)
+        log.info("ckpt_path=%s: no run %s yet, so it starts from scratch", ckpt_path, run_dir)
+        return RunLocation(run_dir, False, None if ckpt_path in ("last", "hpc") else ckpt_path)
+    return RunLocation(_new_run_dir(base, settings.name, model_class_path), False, None)
+
+
+def discard_failed_start(run_dir: Path) -> bool:
+    """Remove a new run's directory that a failed start left holding only its own record (run.json, the
+    config): nothing was trained or written, and an empty run would only clutter `forgelab compare`."""
+    if not run_dir.is_dir() or any(p.name not in ("run.json", "config.yaml") for p in run_dir.iterdir()):
+        return False
+    for path in run_dir.iterdir():
+        path.unlink()
+    run_dir.rmdir()
+    return True
+
+
+def wandb_mode() -> str | None:
+    """The `mode` to give W&B: None (W&B decides from WANDB_MODE, `wandb offline`/`wandb online` and its
+    settings files) when the user set WANDB_MODE or has credentials; `offline` when neither, where an online
+    start would fail for want of an API key."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return None
+    host = os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1].rstrip("/")
+    try:
+        credentials = netrc.netrc().authenticators(host)
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         credentials = None
-    return "online" if credentials else "offline"
+    return None if credentials else "offline"
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
@@ -177,13 +306,37 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
+class RunWandbLogger(WandbLogger):
+    """Lightning's WandbLogger whose W&B step continues across resumptions of an offline run.
+
+    Online, W&B resumes the step from its server; an offline segment cannot ask, starts at 0, and `wandb sync`
+    would then write the second segment's history over the first. Each log therefore names its step: one past
+    the last step the run's earlier offline segments wrote (read from their files), never below W&B's own
+    counter. (The config reaches W&B once, from `RunConfigCallback`: modules save their hyperparameters with
+    `logger=False`.)
+    """
+
+    def __init__(self, *args: Any, start_step: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._next_step = start_step
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
+        if step is not None:
+            metrics = dict(metrics, **{"trainer/global_step": step})
+        wandb_step = max(self._next_step, self.experiment.step)
+        self.experiment.log(metrics, step=wandb_step)
+        self._next_step = wandb_step + 1
+
+
 def build_loggers(settings: RunSettings, run_dir: Path, record: dict[str, Any]) -> list[Logger]:
     """CSV always (the local source of truth); W&B when enabled, resuming the recorded W&B run id."""
     loggers: list[Logger] = [RunCSVLogger(save_dir=str(run_dir), name="", version="")]
     if settings.wandb:
-        mode = wandb_mode()
+        last = last_step(run_dir / "wandb", record["wandb_id"]) if (run_dir / "wandb").is_dir() else None
         loggers.append(
-            WandbLogger(
+            RunWandbLogger(
                 project=settings.project,
                 name=run_dir.name,
                 id=record["wandb_id"],
@@ -192,9 +345,10 @@ def build_loggers(settings: RunSettings, run_dir: Path, record: dict[str, Any]) 
                 job_type=settings.job_type,
                 tags=list(settings.tags) or None,
                 notes=settings.notes,
-                mode=mode,
+                mode=wandb_mode(),
                 resume="allow",
                 log_model=False,
+                start_step=0 if last is None else last + 1,
             )
         )
     return loggers
@@ -202,7 +356,7 @@ def build_loggers(settings: RunSettings, run_dir: Path, record: dict[str, Any]) 
 
 class RunConfigCallback(SaveConfigCallback):
     """Writes the resolved config into this run's directory (not the shared `trainer.log_dir`) and sends the same
-    config, flattened, to W&B. Lightning's own callback writes one `config.yaml` shared by every run whose first
+    config, nested as jsonargparse names it (`model.init_args.lr`), to W&B. Lightning's own callback writes one `config.yaml` shared by every run whose first
     logger is W&B and sends nothing to W&B (Lightning#19728)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -223,11 +377,13 @@ class RunConfigCallback(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(True)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False, format="json")
-        flat = flatten_config(json.loads(config))
+        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update(flat, allow_val_change=True)
+                run_config = logger.experiment.config
+                # a sweep's parameters are already in the config under their dotted names: keep those
+                nested = wandb_config(config, exclude=set(run_config.keys()))
+                run_config.update(nested, allow_val_change=True)
 
 
 class DataHealthCallback(Callback):

@@ -14,21 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from common.errors import ConfigError, ForgelabError
+from common.experiment.parse_errors import one_line
 from common.experiment.runs import (
     RUN_DIR_ENV,
     DataHealthCallback,
     RunConfigCallback,
     RunSettings,
     build_loggers,
+    discard_failed_start,
+    locate_trainer_run,
     record_outcome,
-    resolve_run_dir,
+    run_dir_from_checkpoint,
     run_outcome,
     start_run_record,
 )
+from common.experiment.wandb_state import finish_wandb_run
 from common.io import write_json
 
 log = logging.getLogger("forgelab")
@@ -41,6 +46,7 @@ class ForgelabCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         self.run_dir: Path | None = None
         self.settings = RunSettings()
+        self._new_run = False
         try:
             super().__init__(
                 model_class=L.LightningModule,
@@ -50,18 +56,28 @@ class ForgelabCLI(LightningCLI):
                 save_config_callback=RunConfigCallback,
                 save_config_kwargs={"overwrite": True},
                 seed_everything_default=True,
-                parser_kwargs={"default_env": False},
+                parser_kwargs={"default_env": False, "exit_on_error": False},
                 args=list(args) if args is not None else None,
                 run=run,
             )
+        except ArgumentError as err:  # jsonargparse's tree of a bad value (exit_on_error=False): one line
+            raise ConfigError(one_line(str(err))) from None
         except BaseException as err:
             # Lightning marks the trainer interrupted for any error, and handles Ctrl-C by exiting with status 1:
             # only that exit is an interruption
             ctrl_c = isinstance(err, SystemExit) and self._trainer_interrupted()
-            self._record_outcome("interrupted" if ctrl_c else run_outcome(err))
+            outcome = "interrupted" if ctrl_c else run_outcome(err)
+            self._record_outcome(outcome)
+            # W&B's run state comes from the exit code: 255 is what wandb's own hook gives a Ctrl-C
+            finish_wandb_run(0 if outcome == "completed" else 255 if ctrl_c else 1)
+            failed_start = outcome != "completed" and self._new_run and self.run_dir is not None
+            if failed_start and _global_rank() == 0 and discard_failed_start(self.run_dir):
+                log.info("removed %s: the run failed before writing anything", self.run_dir)
             raise
         if run:
-            self._record_outcome("interrupted" if self._trainer_interrupted() else "completed")
+            interrupted = self._trainer_interrupted()
+            self._record_outcome("interrupted" if interrupted else "completed")
+            finish_wandb_run(255 if interrupted else 0)
 
     def _trainer_interrupted(self) -> bool:
         return bool(getattr(getattr(self, "trainer", None), "interrupted", False))
@@ -81,12 +97,22 @@ class ForgelabCLI(LightningCLI):
             self.settings.job_type = self.subcommand
         model_class_path = (config.get("model") or {}).get("class_path") if config.get("model") else None
         ckpt_path = config.get("ckpt_path") if self.subcommand else None
-        run_dir, resumed = resolve_run_dir(self.settings, model_class_path, ckpt_path)
-        self.run_dir = run_dir
+        where = locate_trainer_run(self.settings, model_class_path, ckpt_path, self.subcommand or "fit")
+        if self.subcommand:
+            config["ckpt_path"] = (
+                where.ckpt_path
+            )  # a run name, or an agent's re-run, resolved to a checkpoint
+        run_dir, resumed = where.run_dir, where.resumed
+        self.run_dir, self._new_run = run_dir, not resumed
         os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # DDP children launched later inherit this run
         self.run_record = start_run_record(
             run_dir, self.settings, resumed, config.get("seed_everything"), sys.argv
         )
+        if where.source is not None:
+            self.run_record["source_checkpoint"] = where.source
+            source_run = run_dir_from_checkpoint(where.source)
+            if source_run is not None:
+                self.run_record["source_run"] = str(source_run)
         if _global_rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "run.json", self.run_record)

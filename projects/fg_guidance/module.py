@@ -157,7 +157,7 @@ class FineGrainedGuidance(L.LightningModule):
             raise ConfigError("margin, tau and lr must be positive")
         if gradnorm_on not in ("image", "lora"):
             raise ConfigError(f"gradnorm_on must be 'image' or 'lora', got {gradnorm_on!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trained weights (see on_save_checkpoint)
 

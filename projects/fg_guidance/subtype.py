@@ -173,7 +173,7 @@ class ResNetSubtypeClassifier(SubtypeTask):
         weight_decay: float = 1e-4,
     ) -> None:
         super().__init__(num_classes, lr, weight_decay)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.model = create_timm_classifier(backbone, preset=preset, num_classes=num_classes)
         config = timm_data_config(self.model)
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
@@ -207,7 +207,7 @@ class FineLIPClassifier(SubtypeTask):
         weight_decay: float = 1e-4,
     ) -> None:
         super().__init__(num_classes, lr, weight_decay)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         model, processor = create_clip(clip_model_id, preset=preset)
         self.clip = model.train()
         self.tokenizer = processor.tokenizer

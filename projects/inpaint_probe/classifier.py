@@ -71,7 +71,7 @@ class RealFakeClassifier(RealFakeTask):
             raise ValueError(f"lr must be positive, got {lr}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.network = create_timm_classifier(
             backbone, preset=preset, num_classes=2, checkpoint_path=checkpoint_path, drop_rate=drop_rate
         )

@@ -183,7 +183,7 @@ class InpaintingImages(L.LightningDataModule):
             raise ValueError(f"image_size must be >= 8, got {image_size}")
         if fit not in ("crop", "resize"):
             raise ValueError(f"fit must be crop or resize, got {fit!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.train_root, self.val_root, self.test_root = train_root, val_root, test_root
         self.image_size, self.fit = image_size, fit
         self.mask = mask or MaskConfig()

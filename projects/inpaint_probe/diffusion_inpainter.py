@@ -192,7 +192,7 @@ class DiffusionInpaintingFinetune(InpaintingTask):
             raise ValueError(f"lora_rank must be >= 0 (0 trains the whole UNet), got {lora_rank}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.sampler = DiffusionInpainter(model_id, preset, prompt, steps, guidance_scale, seed, revision)
         components = self.sampler.components
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder

@@ -211,7 +211,7 @@ class PartialConvInpainter(InpaintingTask):
             raise ValueError(
                 f"loss_weights keys must be among {sorted(LIU_WEIGHTS)}, got {sorted(loss_weights or {})}"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.loss_weights = weights
         tiny = preset == "tiny"
         widths = widths or ((16, 32, 32, 32) if tiny else (64, 128, 256, 512, 512, 512, 512, 512))
@@ -310,7 +310,7 @@ class DeepFillV2Inpainter(InpaintingTask):
             raise ValueError(f"lr must be positive, got {lr}")
         if l1_weight < 0 or gan_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got l1 {l1_weight}, gan {gan_weight}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.automatic_optimization = False
         tiny = preset == "tiny"
         self.generator = DeepFillV2Generator(width or (4 if tiny else 24), attention=attention)

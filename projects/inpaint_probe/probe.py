@@ -38,11 +38,11 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from PIL import Image
 
 from common.errors import ConfigError
+from common.experiment.configs import wandb_config
 from common.experiment.reporting import log_figure, log_pil, log_table
 from common.experiment.runs import (
     RunSettings,
     build_loggers,
-    flatten_config,
     recording_outcome,
     resolve_run_dir,
     start_run_record,
@@ -383,7 +383,7 @@ def _probe(
 ) -> None:
     reporter = Reporter(str(run_dir), build_loggers(settings, run_dir, record) if settings.wandb else [])
     for logger in reporter.loggers:
-        logger.log_hyperparams(flatten_config({"probe": asdict(config)}))
+        logger.log_hyperparams(wandb_config({"probe": asdict(config)}))
     skips = SkipCounter()
     timings: dict[str, float] = {}
 

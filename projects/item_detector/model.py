@@ -75,7 +75,7 @@ class ItemDetector(RealFakeTask):
         if w_global < 0 or w_local < 0 or w_global + w_local == 0:
             raise ValueError(f"w_global and w_local must be >= 0 and not both 0, got {w_global}, {w_local}")
         empty_local_fallback(torch.zeros(1), empty_local)  # validates the policy name
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.head: MisalignmentHead | None = None
         if feature_dim is not None:
             self.head = MisalignmentHead(feature_dim, hidden_features, dropout)
