@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.data.toy_world import CATALOGUE, render_scene, sample_scene
-from common.degradations import (
+from projects.fg_guidance.degradations import (
     ENVIRONMENTS,
     TEMPORAL,
     apply_degradation,

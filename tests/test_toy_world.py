@@ -29,6 +29,7 @@ from common.data.toy_world import (
     render_scene,
     sample_scene,
 )
+from common.data.toy_world import writer as tw_writer  # the module whose internals the tests patch
 
 TINY = {
     "image_size": 64,
@@ -41,7 +42,7 @@ TINY = {
 }
 # Smaller still, for tests that generate several worlds.
 MINI = {**TINY, "parts_val": 0, "parts_test": 0, "realfake_train": 1, "realfake_val": 0, "realfake_test": 1}
-TOY_WORLD_FILE = Path(tw.__file__)
+REPO_ROOT = Path(tw.__file__).resolve().parents[3]  # common/data/toy_world/__init__.py
 
 
 def tree_bytes(root: Path) -> dict[str, str]:
@@ -228,7 +229,7 @@ def test_layout_counts_and_manifests_match_the_files(tiny_world: Path) -> None:
                 == ("PNG", "RGB", (64, 64))
                 == ("PNG", "RGB", (r["width"], r["height"]))
             )
-    assert meta["content_hash"] == tw._content_hash(tiny_world)
+    assert meta["content_hash"] == tw_writer._content_hash(tiny_world)
 
 
 def test_realfake_folders_labels_and_manifests_agree(tiny_world: Path) -> None:
@@ -293,13 +294,11 @@ def test_ensure_regenerates_when_the_spec_changes(tmp_path: Path, caplog: pytest
 
 
 _CHILD = """
-import importlib.util, json, logging, sys, time
+import json, logging, sys, time
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-spec_ = importlib.util.spec_from_file_location("toy_world_child", sys.argv[1])  # skip the package imports
-tw = importlib.util.module_from_spec(spec_)
-sys.modules["toy_world_child"] = tw
-spec_.loader.exec_module(tw)
+sys.path.insert(0, sys.argv[1])
+from common.data.toy_world import writer as tw  # numpy and PIL only: no torch or lightning
 write_world = tw._write_world
 tw._write_world = lambda *a, **k: (time.sleep(1.0), write_world(*a, **k))[1]  # widen the race window
 go = Path(sys.argv[4])
@@ -312,7 +311,7 @@ tw.ensure_toy_world(sys.argv[2], tw.ToyWorldSpec(**json.loads(sys.argv[3])), num
 
 def test_concurrent_ensure_calls_from_two_processes_generate_one_world(tmp_path: Path) -> None:
     root, go = tmp_path / "data" / "toy_world", tmp_path / "go"
-    args = [sys.executable, "-c", _CHILD, str(TOY_WORLD_FILE), str(root), json.dumps(MINI), str(go)]
+    args = [sys.executable, "-c", _CHILD, str(REPO_ROOT), str(root), json.dumps(MINI), str(go)]
     procs = [
         subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
@@ -330,14 +329,14 @@ def test_concurrent_ensure_calls_from_two_processes_generate_one_world(tmp_path:
     )
     meta = json.loads((root / "toy_world.json").read_text())
     assert meta["spec_hash"] == ToyWorldSpec(**MINI).spec_hash()
-    assert meta["content_hash"] == tw._content_hash(root)
+    assert meta["content_hash"] == tw_writer._content_hash(root)
     assert siblings(root) == []
 
 
 def test_interrupted_generation_leaves_no_partial_world(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_run, calls = tw._run_task, []
+    real_run, calls = tw_writer._run_task, []
 
     def crash_midway(*args, **kwargs):
         calls.append(1)
@@ -345,18 +344,18 @@ def test_interrupted_generation_leaves_no_partial_world(
             raise RuntimeError("simulated crash")
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(tw, "_run_task", crash_midway)
+    monkeypatch.setattr(tw_writer, "_run_task", crash_midway)
     root = tmp_path / "toy_world"
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure_toy_world(root, ToyWorldSpec(**MINI), num_workers=1)
     assert not root.exists() and siblings(root) == []
 
     # A crash while replacing an older world keeps the older world, complete.
-    monkeypatch.setattr(tw, "_run_task", real_run)
+    monkeypatch.setattr(tw_writer, "_run_task", real_run)
     generate_toy_world(root, ToyWorldSpec(**MINI), num_workers=1)
     before = tree_bytes(root)
     calls.clear()
-    monkeypatch.setattr(tw, "_run_task", crash_midway)
+    monkeypatch.setattr(tw_writer, "_run_task", crash_midway)
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure_toy_world(root, ToyWorldSpec(**{**MINI, "seed": 9}), num_workers=1)
     assert tree_bytes(root) == before and siblings(root) == []

@@ -25,7 +25,7 @@ from torch import nn
 
 from common.backbones import create_clip
 from common.backbones.registry import default_id
-from common.degradations import box_mask
+from projects.fg_guidance.degradations import box_mask
 
 
 @dataclass

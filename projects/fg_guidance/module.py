@@ -6,7 +6,7 @@ One training step (the LightningModule only orchestrates; the maths is in losses
 2. eps_T -> z_0_hat (reverse DDIM on the caption c, gradients only through the last K steps) -> x_hat (VAE
    decoder, frozen but differentiable);
 3. x' = D_t(x_hat), a random temporal deterioration, and A_e(x_hat) for every environment e
-   (common.degradations, differentiable, seeded per step);
+   (degradations.py, differentiable, seeded per step);
 4. the four terms on the frozen CLIP encoder (README "Equation -> function"):
    Eq. 2 over all pairs (x_hat_i, x_j) of the batch, y = same subclass;
    Eq. 3 between x_hat's part patches and c's phrase tokens;
@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from common.backbones.registry import default_id
-from common.degradations import ENVIRONMENTS, TEMPORAL, apply_degradation, random_degradation
 from common.errors import ConfigError
 from common.experiment.reporting import image_grid, log_figure, log_pil
 from common.io import write_csv, write_json
 from projects.fg_guidance.captioning import Captioner, caption_fidelity
 from projects.fg_guidance.cycle import FineGrainedGenerator, check_steps, resolve_frozen_dtype
+from projects.fg_guidance.degradations import ENVIRONMENTS, TEMPORAL, apply_degradation, random_degradation
 from projects.fg_guidance.encoders import FrozenCLIP, ImageFeatures, phrase_pairs
 from projects.fg_guidance.gradnorm import GradNorm, task_gradient_norms
 from projects.fg_guidance.losses import (

@@ -3,7 +3,7 @@
 The fine-grained guidance paper (Sec. 3) trains its generator so that an image keeps its fine-grained identity
 when it is aged (Eq. 4: x' with rust, paint fading, tarnish, streaks) or relit (Eq. 5: A_e(x) with
 overexposure, glare, low light). The same operations are photometric augmentations for the subtype classifiers,
-so they live here, shared. Each one:
+so they live in a module of their own rather than inside the losses. Each one:
 
 * takes a float batch (B, 3, H, W) in [0, 1] and a ``severity`` in [0, 1] (a float, or one value per image);
   severity 0 leaves the image unchanged, and the change grows monotonically with severity;
