@@ -263,7 +263,7 @@ def test_testing_a_checkpoint_writes_a_new_run_and_replaces_nothing(small_toy_wo
     ],
 )
 def test_a_failed_start_is_one_line_and_leaves_no_run(small_toy_world, tmp_path, override, message):
-    code, out, err = _fit(small_toy_world, tmp_path, "--trainer.fast_dev_run=true", override)
+    code, _out, err = _fit(small_toy_world, tmp_path, "--trainer.fast_dev_run=true", override)
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("forgelab: error:")]
     assert len(errors) == 1 and message in errors[0], err
