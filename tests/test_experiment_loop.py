@@ -269,3 +269,27 @@ def test_a_failed_start_is_one_line_and_leaves_no_run(small_toy_world, tmp_path,
     assert len(errors) == 1 and message in errors[0], err
     assert "usage:" not in err and "Union" not in err and "Traceback" not in err
     assert _runs(tmp_path) == []
+
+
+def test_last_prefers_a_newer_hpc_checkpoint_and_other_ranks_join_rank_0s_run(tmp_path, monkeypatch):
+    """A SLURM pre-emption saves `<run>/hpc_ckpt_<n>.ckpt` after the last `last.ckpt`: resuming from `last`
+    would repeat the steps between. Under srun every rank resolves the run itself: rank 1 joins rank 0's."""
+    import os as _os
+
+    from common.experiment.runs import RunSettings, locate_trainer_run
+
+    for var in ("WANDB_RUN_ID", "RANK", "SLURM_PROCID", "FORGELAB_RUN_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    settings = RunSettings(project="p", name="r", root=str(tmp_path))
+    run = tmp_path / "p" / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert locate_trainer_run(settings, None, "last", "fit").ckpt_path == "last"
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    stamp = (run / "checkpoints" / "last.ckpt").stat().st_mtime + 5
+    _os.utime(run / "hpc_ckpt_1.ckpt", (stamp, stamp))
+    location = locate_trainer_run(settings, None, "last", "fit")
+    assert location.ckpt_path == "hpc" and location.run_dir == run and location.resumed
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert locate_trainer_run(settings, None, None, "fit").run_dir == run  # no refusal on rank 1

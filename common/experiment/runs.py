@@ -141,6 +141,15 @@ class RunLocation:
     source: str | None = None
 
 
+def _launch_rank() -> int:
+    """This process's global rank as the launcher (srun, torchrun) set it; 0 when launched alone."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def find_run_by_wandb_id(base: Path, wandb_id: str) -> Path | None:
     """The run directory under `base` whose run.json records W&B id `wandb_id` (newest if several)."""
     found = [
@@ -172,7 +181,8 @@ def _new_run_dir(base: Path, name: str | None, model_class_path: str | None) -> 
     if name is None:
         return base / default_run_name(model_class_path)
     run_dir = base / _slug(name)
-    if (run_dir / "run.json").is_file():
+    # under srun/torchrun every rank resolves the directory itself: the others join the one rank 0 created
+    if (run_dir / "run.json").is_file() and _launch_rank() == 0:
         outcome = read_run_record(run_dir).get("outcome", "unknown")
         raise ConfigError(
             f"run.name={name}: {run_dir} exists (outcome: {outcome}); resume it with --ckpt_path last, "
@@ -231,10 +241,22 @@ def locate_trainer_run(
     if keyword:  # Lightning's own keywords: "last" and "hpc" look in this run's checkpoint directory
         run_dir = base / _slug(settings.name or default_run_name(model_class_path))
         if (run_dir / "run.json").is_file():
-            return RunLocation(run_dir, True, ckpt_path)
+            return RunLocation(run_dir, True, _newest_of_last_and_hpc(run_dir, ckpt_path))
         log.info("ckpt_path=%s: no run %s yet, so it starts from scratch", ckpt_path, run_dir)
         return RunLocation(run_dir, False, None if ckpt_path in ("last", "hpc") else ckpt_path)
     return RunLocation(_new_run_dir(base, settings.name, model_class_path), False, None)
+
+
+def _newest_of_last_and_hpc(run_dir: Path, ckpt_path: str) -> str:
+    """`last`, or `hpc` when a SLURM pre-emption saved an HPC checkpoint (`<run>/hpc_ckpt_<n>.ckpt`) after the
+    last one: Lightning's `last` looks only at ModelCheckpoint's files, and would repeat the steps between."""
+    if ckpt_path != "last":
+        return ckpt_path
+    hpc = list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    last = list((run_dir / "checkpoints").glob("last*.ckpt"))
+    if hpc and max(p.stat().st_mtime for p in hpc) > max((p.stat().st_mtime for p in last), default=0.0):
+        return "hpc"
+    return ckpt_path
 
 
 def discard_failed_start(run_dir: Path) -> bool:
