@@ -3,6 +3,8 @@
     forgelab fit --config configs/trainer/default.yaml --config configs/inpaint_probe/tiny.yaml
     forgelab test --config ... --ckpt_path runs/inpaint_probe/<run>/checkpoints/last.ckpt
     forgelab <command> ...      # extract, probe, augment, sweep, compare ... (entry points `forgelab.commands`)
+    forgelab --version          # forgelab, torch and Lightning versions
+    forgelab --print_shtab bash # shell completion script (also zsh, tcsh; `forgelab fit --print_shtab bash` too)
 
 Model and data are given in subclass mode (`class_path` + `init_args`), so one trainer config schema serves all
 projects and trainer presets (configs/trainer/*.yaml) stack with any project config by repeated `--config`.
@@ -19,6 +21,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from common.errors import ForgelabError
+from common.experiment.cli_extras import is_extra, run_extra
 from common.experiment.env import RUN_DIR_ENV
 from common.experiment.wandb_state import finish_wandb_run
 
@@ -57,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     # `wandb agent` re-runs pre-empted sweep runs with an extra `--_wandb=...` argument jsonargparse rejects.
     args = [a for a in args if not a.startswith("--_wandb")]
+    if is_extra(args):  # --version, --print_shtab <shell>: answered without parsing a config
+        run_extra(args, extra_commands)
+        return
     commands = extra_commands()
     if not args or args[0] in ("-h", "--help"):
         _print_overview(commands)
