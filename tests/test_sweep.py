@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import importlib
 import json
 import math
 import os
@@ -456,3 +457,48 @@ def test_ddp_trials_share_one_run_directory_and_one_wandb_run(small_toy_world, t
     n_test = len(list((small_toy_world / "realfake" / "test").rglob("*.png")))
     metrics = json.loads((sweep_dir / "trial-000" / "test_metrics.json").read_text())
     assert metrics["pooled"]["n"] == n_test
+
+
+# -- the sweep files agree with what they train and with the README --------------------------------------------
+def _model_classes(path: Path) -> set[type]:
+    """The LightningModule classes a sweep file's trials train, as the real CLI resolves them: the first
+    suggestion's command, and for a swept experiment config (`config: values:`) every listed config."""
+    definition = load_sweep_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = {key: value["value"] for key, value in sweeps.next_run(definition, []).config.items()}
+    swept_configs = (definition["parameters"].get("config") or {}).get("values") or [None]
+    classes = set()
+    for config in swept_configs:
+        params = first if config is None else {**first, "config": config}
+        command = trial_command(definition, params)
+        code, out, err = run_cli([*command[command.index("fit") :], "--print_config"])
+        assert code == 0, err
+        module, _, name = yaml.safe_load(out)["model"]["class_path"].rpartition(".")
+        classes.add(getattr(importlib.import_module(module), name))
+    return classes
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_every_sweep_ranks_trials_on_the_checkpoint_monitor_of_the_model_it_trains(path, monkeypatch):
+    """The sweep's best trial is the one whose best checkpoint is best: the sweep metric (and goal) is the key
+    (and mode) the trained model's checkpoints monitor. A model without a monitor keeps its last epoch (ITEM);
+    its sweep may rank on any validation metric, never on a test one."""
+    monkeypatch.chdir(REPO)
+    metric = load_sweep_file(path)["metric"]
+    for model_class in _model_classes(path):
+        if model_class.monitor is None:
+            assert metric["name"].startswith("val/"), model_class
+            continue
+        assert metric["name"] == model_class.monitor, model_class
+        goal = {"min": "minimize", "max": "maximize"}[model_class.monitor_mode]
+        assert metric["goal"] == goal, model_class
+
+
+def test_the_readme_lists_every_sweep_file():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Sweeps and comparing runs") :]
+    section = section[: section.index("\n## ", 1)]
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    listed = {line.split("`")[1] for line in table}
+    assert listed == {p.name for p in SWEEP_FILES}
