@@ -195,6 +195,20 @@ def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, fast_polling
     failed = next(t for t in trials if t["state"] == "failed")
     assert failed["exit_code"] == 3 and "told to fail" in failed["error"]
     assert "failed (exit 3)" in out
+    # some trials failed: the sweep still has results (exit 0), and its last line says which failed
+    failed = [f"trial-{t['index']:03d}" for t in trials if t["state"] == "failed"]
+    assert f"{len(failed)} of 4 trials failed ({', '.join(failed)})" in out.strip().splitlines()[-1]
+
+
+def test_a_sweep_whose_trials_all_failed_exits_non_zero(tmp_path, fast_polling):
+    """Fewer trials than the stop-early rule needs, all failed: no result, so not a success; and running the
+    finished sweep again says so again."""
+    path = _write(tmp_path, _stand_in({"x": {"values": [1, 2]}, "fail": {"value": "true"}}))
+    for _ in range(2):
+        code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
+        assert code != 0 and "all 2 trials of sweep stand_in failed" in err and "told to fail" in err
+        assert len(err.strip().splitlines()) == 1
+    assert [t["state"] for t in _state(tmp_path)["trials"]] == ["failed", "failed"]
 
 
 def test_a_sweep_whose_first_trials_all_fail_stops(tmp_path, fast_polling):

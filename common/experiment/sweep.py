@@ -20,7 +20,8 @@ Every trial of a sweep is in one W&B group (the sweep's name; offline runs sync 
 The state is written atomically after every change, so a sweep killed at any point resumes where it stopped
 when the same command is run again: an interrupted trial continues from its last checkpoint (or starts over
 when it had none), then new trials follow. A failed trial is recorded as failed and the sweep goes on, as with
-`wandb agent`; only when the first trials all fail does the sweep stop (the command itself is broken).
+`wandb agent`; only when the first trials all fail does the sweep stop (the command itself is broken). A sweep
+whose trials all failed exits non-zero; one with some failed trials exits 0 and names them in its last line.
 """
 
 from __future__ import annotations
@@ -605,6 +606,26 @@ class LocalSweep:
         metric = f": {self.metric} {trial.metric:.4g}{note}" if self.metric else ""
         print(f"    {trial.name}: {trial.state} in {seconds}{metric}", flush=True)
 
+    def report_failures(self) -> None:
+        """The sweep's outcome in its exit code: trials all failed is an error (there is no result); some failed
+        is a result with a warning, the last line of the output naming the failed trials."""
+        ended = [t for t in self.trials if t.state in ("finished", "stopped", "failed")]
+        failed = [t for t in ended if t.state == "failed"]
+        if not failed:
+            return
+        if len(failed) == len(ended):
+            last = failed[-1]
+            raise ForgelabError(
+                f"all {len(ended)} trials of sweep {self.name} failed (last: {last.error or 'see its log'}); "
+                f"see {self.directory / last.name / 'output.log'}"
+            )
+        names = ", ".join(t.name for t in failed)
+        print(
+            f"sweep {self.name}: {len(failed)} of {len(ended)} trials failed ({names}); "
+            f"their logs: {self.directory}/<trial>/output.log",
+            flush=True,
+        )
+
     def best_trial(self) -> Trial | None:
         scored = [t for t in self.trials if t.metric is not None and t.state in ("finished", "stopped")]
         if not scored:
@@ -730,6 +751,7 @@ def main(argv: list[str]) -> None:
         finally:
             if any(t.state in ("finished", "stopped") for t in sweep.trials):
                 _write_comparison(sweep)
+        sweep.report_failures()
 
 
 def _write_comparison(sweep: LocalSweep) -> None:
