@@ -313,11 +313,56 @@ def test_one_sweep_process_per_sweep_directory(tmp_path):
     assert code == 2 and "being run by another process" in err
 
 
-def test_dry_run_prints_the_first_trial_command_and_runs_nothing(tmp_path):
-    path = _write(tmp_path, _stand_in({"x": {"values": [0.25]}}))
+def test_dry_run_prints_every_trial_command_and_runs_nothing(tmp_path):
+    path = _write(tmp_path, _stand_in({"x": {"values": [0.25, 0.5]}}))
     code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--dry-run"])
     assert code == 0, err
-    assert out.strip().endswith(f"{PROGRAM} --x=0.25") and not (tmp_path / "sweeps").exists()
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("trial-000: ") and lines[0].endswith(f"{PROGRAM} --x=0.25")
+    assert lines[1].startswith("trial-001: ") and lines[1].endswith(f"{PROGRAM} --x=0.5")
+    assert "nothing was run" in lines[-1] and not (tmp_path / "sweeps").exists()
+
+
+def test_dry_run_of_a_program_that_does_not_exist_fails(tmp_path):
+    definition = _stand_in({"x": {"values": [0.25]}})
+    definition["command"] = ["${interpreter}", "no_such_program.py", "${args}"]
+    code, _, err = run_cli(["sweep", str(_write(tmp_path, definition)), "--dry-run"])
+    assert code == 2 and "no_such_program.py" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dry_run_from_another_directory_fails_on_the_commands_relative_paths(tmp_path, monkeypatch):
+    """The shipped files name their configs relative to the repository root: a dry run elsewhere parses the
+    trial command as the trial would, and the parser's own error comes back as one line."""
+    monkeypatch.chdir(tmp_path)
+    sweep_file = CONFIGS / "sweeps" / "classifier_tiny.yaml"
+    code, out, err = run_cli(["sweep", str(sweep_file), "--dry-run"])
+    assert code == 2, out
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "trial-000" in err and "configs/trainer/cpu.yaml" in err and "does not exist" in err
+    assert "repository root" in err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("method", ["grid", "random"])
+def test_dry_run_parses_every_value_a_trial_can_get(tmp_path, monkeypatch, method):
+    """A value the CLI rejects fails the dry run, even when only a later trial would get it (every grid point,
+    and every listed value of a random/bayes search, is parsed)."""
+    monkeypatch.chdir(tmp_path)
+    definition = yaml.safe_load((CONFIGS / "sweeps" / "classifier_tiny.yaml").read_text())
+    definition["method"] = method
+    definition["parameters"] = {
+        "model.init_args.lr": {"value": 1.0e-3},
+        "trainer.max_epochs": {"values": [1, 2, "many"]},
+    }
+    definition["command"] = [str(REPO / c) if c.startswith("configs/") else c for c in definition["command"]]
+    code, out, err = run_cli(["sweep", str(_write(tmp_path, definition)), "--dry-run"])
+    assert code == 2, out
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "trial-002" in err and "trainer.max_epochs" in err and "many" in err
+    assert [line.split(":")[0] for line in out.splitlines()] == ["trial-000", "trial-001", "trial-002"]
+    definition["parameters"]["trainer.max_epochs"]["values"] = [1, 2]
+    code, out, err = run_cli(["sweep", str(_write(tmp_path, definition)), "--dry-run"])
+    assert code == 0, err
+    assert "2 trial commands parse with `forgelab fit`" in out.strip().splitlines()[-1]
 
 
 # -- what `wandb agent` does to a run ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import copy
 import ctypes
 import datetime as _dt
 import fcntl
+import io
 import json
 import os
 import random
@@ -212,6 +213,81 @@ def missing_config_files(command: list[str]) -> list[str]:
         if value and not Path(value).is_file():
             missing.append(value)
     return missing
+
+
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def forgelab_arguments(command: list[str]) -> list[str] | None:
+    """The arguments after `forgelab` (or `python -m common.experiment.cli`), or None for another program."""
+    if command and Path(command[0]).name == "forgelab":
+        return command[1:]
+    if len(command) > 2 and command[1:3] == ["-m", "common.experiment.cli"]:
+        return command[3:]
+    return None
+
+
+def check_trial_command(command: list[str]) -> str | None:
+    """What would stop this trial before it trains, as one line (None when nothing does): a `forgelab fit|
+    validate|test|predict` command is parsed by the CLI itself (`--print_config`, in this process: config files,
+    keys, types and choices, as the trial's own parser checks them); another program must exist."""
+    arguments = forgelab_arguments(command)
+    if arguments is not None and arguments[:1] and arguments[0] in TRAINER_SUBCOMMANDS:
+        problem = parse_with_cli([*arguments, "--print_config"])
+        if problem and "does not exist" in problem:
+            problem += (
+                " (the command's paths are relative to the current directory: run from the repository root)"
+            )
+        return problem
+    missing = missing_config_files(command)
+    if missing:
+        return (
+            f"config files do not exist here: {', '.join(missing)} "
+            "(the command's paths are relative to the current directory: run from the repository root)"
+        )
+    if arguments is None and command:
+        if shutil.which(command[0]) is None:
+            return f"{command[0]} is not a program on PATH"
+        script = command[1] if len(command) > 1 else ""
+        python = Path(command[0]).name.startswith("python")
+        if python and script and not script.startswith("-") and not Path(script).is_file():
+            return f"{script} does not exist (relative to the current directory)"
+    return None
+
+
+def parse_with_cli(arguments: list[str]) -> str | None:
+    """Run `forgelab <arguments>` in this process, its output kept; the one-line error when it fails."""
+    from common.experiment.cli import main as forgelab_main
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            forgelab_main(arguments)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            return one_line_cli_error(err.getvalue()) or f"the command exits with {exit_.code}"
+    except Exception as exc:  # the trial would crash on it the same way
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+# lines of jsonargparse's union-type explanations that say nothing about the value given
+_NOISE = ("Subtypes:", "Errors:", "Given value type:", "Does not validate against any of the Union subtypes")
+
+
+def one_line_cli_error(stderr: str) -> str | None:
+    """forgelab's or jsonargparse's error in one line: the offending key, what it expected, the value given."""
+    lines = stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^(forgelab: )?error:", line)]
+    if not starts:
+        return None
+    parts: list[str] = []
+    for line in [re.sub(r"^(forgelab: )?error:\s*", "", lines[starts[-1]]), *lines[starts[-1] + 1 :]]:
+        text = line.strip().removeprefix("- ").strip()
+        if not text or text.startswith(_NOISE) or "NoneType" in text or "NestedArg" in text:
+            continue
+        parts.append(text if not parts or parts[-1].endswith(":") else "; " + text)
+    return re.sub(r"\s+", " ", " ".join(parts).replace(" ; ", "; "))[:500]
 
 
 # -- state ------------------------------------------------------------------------------------------------------
@@ -417,6 +493,33 @@ class LocalSweep:
             warnings.simplefilter("ignore")
             to_stop = sweeps.stop_runs(self.definition, runs)
         return any(run.name == trial.name for run in to_stop)
+
+    def dry_run_trials(self, limit: int | None) -> list[Trial]:
+        """The trials a dry run parses: every grid point (up to the limit); for random and bayes search, enough
+        of the search's first suggestions that every value of every `values:` list is given to one of them."""
+        if self.definition.get("method") == "grid":
+            trials: list[Trial] = []
+            while limit is None or len(trials) < limit:
+                probe = LocalSweep(self.definition, self.directory, self.sweep_file, self.seed)
+                probe.trials = trials
+                suggestion = probe.suggest(len(trials))
+                if suggestion is None:
+                    break
+                trials.append(Trial(index=len(trials), params=suggestion[0]))
+            return trials
+        parameters = self.definition.get("parameters") or {}
+        listed = {
+            k: spec["values"] for k, spec in parameters.items() if isinstance(spec, dict) and "values" in spec
+        }
+        count = max([1, *(len(values) for values in listed.values())])
+        trials = []
+        for index in range(count if limit is None else min(count, limit)):
+            suggestion = self.suggest(index)
+            params = dict(suggestion[0]) if suggestion else {}
+            for key, values in listed.items():
+                params[key] = _plain(values[index % len(values)])
+            trials.append(Trial(index=index, params=params))
+        return trials
 
     # -- running trials --------------------------------------------------------------------------------------
     def trial_limit(self, count: int | None) -> int | None:
@@ -703,7 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the file and print the first trial's command; run nothing",
+        help="validate the file, print the trials' commands and parse each with the CLI as its trial would "
+        "(every grid point; every listed value of a random/bayes search); run nothing",
     )
     return parser
 
@@ -719,8 +823,7 @@ def main(argv: list[str]) -> None:
     directory = Path(args.root) / "sweeps" / name
     sweep = LocalSweep(definition, directory, args.sweep_file, seed=args.seed)
     if args.dry_run:
-        params, _ = sweep.suggest(0) or ({}, {})
-        print(" ".join(sweep.command_for(Trial(index=0, params=params))))
+        dry_run(sweep, args.count)
         return
     command = trial_command(definition, {})
     missing = missing_config_files(command)
@@ -752,6 +855,23 @@ def main(argv: list[str]) -> None:
             if any(t.state in ("finished", "stopped") for t in sweep.trials):
                 _write_comparison(sweep)
         sweep.report_failures()
+
+
+def dry_run(sweep: LocalSweep, count: int | None) -> None:
+    """Print the trials' commands and check each as its trial would start (see `check_trial_command`)."""
+    trials = sweep.dry_run_trials(sweep.trial_limit(count))
+    parsed = False
+    for trial in trials:
+        command = sweep.command_for(trial)
+        print(f"{trial.name}: {' '.join(command)}", flush=True)
+        problem = check_trial_command(command)
+        if problem:
+            values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in trial.params.items())
+            raise ConfigError(f"{trial.name} ({values}) would fail: {problem}")
+        arguments = forgelab_arguments(command)
+        parsed = parsed or bool(arguments and arguments[0] in TRAINER_SUBCOMMANDS)
+    how = f"parse with `forgelab {forgelab_arguments(command)[0]}`" if parsed else "name programs that exist"
+    print(f"dry run: {len(trials)} trial command{'s' if len(trials) != 1 else ''} {how}; nothing was run")
 
 
 def _write_comparison(sweep: LocalSweep) -> None:
