@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,47 @@ def test_trial_command_is_wandb_agents_format():
         "--trainer.fast_dev_run=true",
     ]
     assert Path(command[0]).name == "forgelab" or command[1:3] == ["-m", "common.experiment.cli"]
+
+
+def test_private_wandb_modules_are_used_only_with_a_reason():
+    """sweep.py and compare.py may import from wandb's private modules (anything below `wandb.` that is not
+    the package itself) only where the comment above the import says why no public API serves."""
+    for source in ("sweep.py", "compare.py"):
+        lines = (REPO / "common" / "experiment" / source).read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"\s*(from wandb\.\S+ import|import wandb\.)", line):
+                above = lines[i - 1].strip()
+                assert above.startswith("#") and "public" in above, f"{source}:{i + 1}: {line.strip()}"
+
+
+def test_trial_command_is_what_the_real_wandb_agent_runs(tmp_path, monkeypatch):
+    """wandb's own agent, fed a run command as its server would send it, builds the same command line as
+    `trial_command` (macros, `${envvar:...}`, value formatting), up to the interpreter (the agent's `python`,
+    this environment's Python here). Fails when a wandb release changes how the agent expands a command."""
+    from wandb import wandb_agent
+
+    launched: list[list[str]] = []
+
+    class Recorder:
+        def __init__(self, command=None, **kwargs):
+            launched.append(command)
+
+    for name, value in (("WANDB_DIR", str(tmp_path)), ("WANDB_SWEEP_ID", "s1"), ("SWEEP_MACRO_TEST", "v")):
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):  # the agent sets them; restored after the test
+        monkeypatch.setenv(name, "")
+    monkeypatch.setattr(wandb_agent, "AgentProcess", Recorder)
+    template = ["${env}", "${interpreter}", "${program}", "--config", "a.yaml", "${args}", "${args_json}"]
+    template += ["${envvar:SWEEP_MACRO_TEST}", "${args_no_boolean_flags}"]
+    definition = _stand_in({"x": {"values": [1]}}, program="train.py") | {"command": template}
+    params = {"model.init_args.lr": 0.00123, "trainer.max_epochs": 3, "flag": False, "name": "a b"}
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id="s1")
+    agent._sweep_command = copy.deepcopy(template)
+    agent._command_run(
+        {"run_id": "r1", "program": "train.py", "args": {k: {"value": v} for k, v in params.items()}}
+    )
+    ours = ["python" if token == sys.executable else token for token in trial_command(definition, params)]
+    assert launched == [ours]
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,7 @@ def forgelab_executable() -> list[str]:
 
 def _args_macros(params: dict[str, Any]) -> dict[str, list[str]]:
     """`${args}`, `${args_json}` ... for these values, formatted by wandb agent's own function."""
+    # no public wandb API expands a sweep command (wandb.agent needs a server); the agent itself calls this
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
     return create_sweep_command_args({"args": {key: {"value": value} for key, value in params.items()}})
@@ -169,6 +170,7 @@ def trial_command(
 ) -> list[str]:
     """The command `wandb agent` would run for these parameter values (same macros, same `--key=value`), with
     `forgelab` resolved to this environment's and `${interpreter}` to this Python."""
+    # no public wandb API expands a sweep command (wandb.agent needs a server); the agent itself calls this
     from wandb.sdk.launch.sweeps.utils import create_sweep_command
 
     template = create_sweep_command(copy.deepcopy(definition.get("command")) or list(DEFAULT_COMMAND))
