@@ -452,12 +452,14 @@ def _tiny_classifier_sweep(tmp_path: Path, toy: Path, lrs: list[float], *extra: 
     return _write(tmp_path, definition, "classifier_tiny.yaml")
 
 
-def test_real_fit_trials_land_in_the_sweep_and_compare(small_toy_world, tmp_path):
+def test_real_fit_trials_land_in_the_sweep_compare_and_best_config(small_toy_world, tmp_path):
     """The fast variant (each real trial pays ~10 s of imports): one `forgelab fit` trial that trains and one
-    whose value the model rejects; the sweep records both, and compare and Table 3 read the real run files."""
+    whose value the model rejects; the sweep records both, compare and Table 3 read the real run files, and
+    best_config.yaml re-runs the best trial (`_check_best_config`)."""
     path = _tiny_classifier_sweep(tmp_path, small_toy_world, [2.0e-3, -1.0])
     code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path)])
     assert code == 0, err
+    sweep_out = out
     trials = _state(tmp_path, "classifier_tiny")["trials"]
     assert [t["state"] for t in trials] == ["finished", "failed"] and "lr must be positive" in trials[1][
         "error"
@@ -476,6 +478,32 @@ def test_real_fit_trials_land_in_the_sweep_and_compare(small_toy_world, tmp_path
     )
     assert code == 0, err
     assert "| Models | Accuracy | F1-Score | AUC |" in out and "| ResNet-50 |" in out
+    _check_best_config(tmp_path, sweep_out, best="trial-000", lr=2.0e-3)
+
+
+def _check_best_config(tmp_path: Path, out: str, best: str, lr: float) -> None:
+    """best_config.yaml is the best trial's resolved config.yaml (a new run: no name, no checkpoint, job type
+    train), the sweep printed the command that re-runs it, `forgelab fit --config best_config.yaml` runs it,
+    and `forgelab sweep --best <sweep dir>` writes it again."""
+    sweep_dir = tmp_path / "sweeps" / "classifier_tiny"
+    best_config = sweep_dir / "best_config.yaml"
+    assert f"re-run it: forgelab fit --config {best_config}" in out
+    written = yaml.safe_load(best_config.read_text())
+    trial = yaml.safe_load((sweep_dir / best / "config.yaml").read_text())
+    assert {k: v for k, v in written.items() if k != "run"} == {k: v for k, v in trial.items() if k != "run"}
+    assert written["run"] == trial["run"] | {"name": None, "job_type": "train"}
+    assert written["model"]["init_args"]["lr"] == lr
+    best_config.unlink()
+    code, _, err = run_cli(["sweep", "--best", str(sweep_dir)])
+    assert code == 0, err
+    assert yaml.safe_load(best_config.read_text()) == written
+    rerun = tmp_path / "rerun"
+    args = ["fit", "--config", str(best_config), f"--run.root={rerun}", "--trainer.max_epochs=1"]
+    code, _, err = run_cli([*args, "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"])
+    assert code == 0, err
+    (run_dir,) = (rerun / "inpaint_probe").iterdir()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"] == written["model"]
+    assert json.loads((run_dir / "run.json").read_text())["outcome"] == "completed"
 
 
 @pytest.mark.slow

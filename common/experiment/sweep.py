@@ -3,6 +3,7 @@
 The same file serves both ways of sweeping:
     wandb sweep configs/sweeps/x.yaml && wandb agent <sweep id>      # W&B's server picks the trials
     forgelab sweep configs/sweeps/x.yaml --count 8                   # this module picks them, locally
+    forgelab sweep --best <entity>/<project>/<sweep id>              # best_config.yaml of a server sweep
 
 Here the trials are chosen by W&B's own search engine (the `sweeps` package: grid, random, bayes; hyperband
 early termination when the file has `early_terminate`), and each trial runs the file's `command:` exactly as
@@ -15,6 +16,7 @@ and its own run directory:
         trial-000/         a complete run directory (config.yaml, metrics.csv, checkpoints/, wandb/ ...)
                            plus output.log, the trial's console output
         compare/           the comparison table and plots, rewritten when the sweep ends
+        best_config.yaml   the best trial's resolved config: `forgelab fit --config best_config.yaml` re-runs it
 
 Every trial of a sweep is in one W&B group (the sweep's name; offline runs sync later with `wandb sync`).
 The state is written atomically after every change, so a sweep killed at any point resumes where it stopped
@@ -259,6 +261,11 @@ def check_trial_command(command: list[str]) -> str | None:
 
 def parse_with_cli(arguments: list[str]) -> str | None:
     """Run `forgelab <arguments>` in this process, its output kept; the one-line error when it fails."""
+    return run_forgelab(arguments)[0]
+
+
+def run_forgelab(arguments: list[str]) -> tuple[str | None, str]:
+    """`forgelab <arguments>` in this process: (the one-line error or None, what it printed on stdout)."""
     from common.experiment.cli import main as forgelab_main
 
     out, err = io.StringIO(), io.StringIO()
@@ -267,10 +274,12 @@ def parse_with_cli(arguments: list[str]) -> str | None:
             forgelab_main(arguments)
     except SystemExit as exit_:
         if exit_.code not in (0, None):
-            return one_line_cli_error(err.getvalue()) or f"the command exits with {exit_.code}"
+            return one_line_cli_error(
+                err.getvalue()
+            ) or f"the command exits with {exit_.code}", out.getvalue()
     except Exception as exc:  # the trial would crash on it the same way
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
+        return f"{type(exc).__name__}: {exc}".splitlines()[0], out.getvalue()
+    return None, out.getvalue()
 
 
 # lines of jsonargparse's union-type explanations that say nothing about the value given
@@ -784,7 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
         "resume an interrupted sweep.",
     )
     parser.add_argument(
-        "sweep_file", help="a sweep file in W&B's schema, e.g. configs/sweeps/classifier_tiny.yaml"
+        "sweep_file",
+        nargs="?",
+        help="a sweep file in W&B's schema, e.g. configs/sweeps/classifier_tiny.yaml",
     )
     parser.add_argument(
         "--count",
@@ -811,11 +822,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the file, print the trials' commands and parse each with the CLI as its trial would "
         "(every grid point; every listed value of a random/bayes search); run nothing",
     )
+    parser.add_argument(
+        "--best",
+        default=None,
+        metavar="SWEEP",
+        help="write best_config.yaml (the best trial's complete config) and print the command that re-runs it, "
+        "for a sweep directory (runs/sweeps/<name>; a sweep does it when it ends) or a sweep of W&B's server "
+        "(<entity>/<project>/<sweep id>, online: the best run by the sweep's metric)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="with --best: where to write (default: <sweep dir>/best_config.yaml, for a W&B sweep "
+        "<root>/sweeps/<sweep id>/best_config.yaml)",
+    )
     return parser
 
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
+    if args.best:
+        if args.sweep_file:
+            raise ConfigError("give a sweep file to run, or --best <sweep> (not both)")
+        write_best(args.best, Path(args.root), Path(args.out) if args.out else None)
+        return
+    if not args.sweep_file:
+        raise ConfigError("give a sweep file, e.g. forgelab sweep configs/sweeps/classifier_tiny.yaml")
     if args.count is not None and args.count < 1:
         raise ConfigError(f"--count must be at least 1, got {args.count}")
     definition = load_sweep_file(args.sweep_file)
@@ -859,6 +891,127 @@ def main(argv: list[str]) -> None:
         sweep.report_failures()
 
 
+# -- the best trial as a config of its own -----------------------------------------------------------------------
+BEST_CONFIG = "best_config.yaml"
+
+
+def best_config_text(config: dict[str, Any], source: str, subcommand: str = "fit") -> str:
+    """A trial's resolved config as a new run of the same thing: its own run name, no checkpoint to resume
+    from, job type `train` (the group, the sweep's name, stays: the re-run sits next to its sweep)."""
+    config = copy.deepcopy(config)
+    if isinstance(config.get("run"), dict):
+        config["run"] = config["run"] | {"name": None, "job_type": "train"}
+    if "ckpt_path" in config:
+        config["ckpt_path"] = None
+    header = f"# {source}\n# re-run it: forgelab {subcommand} --config <this file>\n"
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def write_local_best(sweep: LocalSweep, out: Path | None = None) -> Path | None:
+    """<sweep>/best_config.yaml from the best trial's config.yaml, and the command that re-runs it (for a
+    command that is not `forgelab fit ...`, the trial's command itself)."""
+    best = sweep.best_trial()
+    if best is None:
+        return None
+    arguments = forgelab_arguments(sweep.command_for(best)) or []
+    config_path = sweep.directory / best.name / "config.yaml"
+    if not (arguments[:1] and arguments[0] in TRAINER_SUBCOMMANDS and config_path.is_file()):
+        print(f"re-run it: {' '.join(trial_command(sweep.definition, best.params))}", flush=True)
+        return None
+    out = out or sweep.directory / BEST_CONFIG
+    metric = f", {sweep.metric} {best.metric:.4g}" if sweep.metric and best.metric is not None else ""
+    source = (
+        f"the resolved config of {best.name}, the best trial of sweep {sweep.name}{metric} ({config_path})"
+    )
+    write_text(out, best_config_text(yaml.safe_load(config_path.read_text()), source, arguments[0]))
+    print(f"re-run it: forgelab {arguments[0]} --config {out}", flush=True)
+    return out
+
+
+def find_run_dir(root: Path, wandb_id: str) -> Path | None:
+    """The run directory below `root` whose run.json records this W&B run id."""
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in ("wandb", "checkpoints", "plots", "compare"))
+        if "run.json" in files:
+            subdirs.clear()
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                if json.loads((Path(directory) / "run.json").read_text()).get("wandb_id") == wandb_id:
+                    return Path(directory)
+    return None
+
+
+def _unwrapped(value: Any) -> Any:
+    """A W&B config value, `{"value": v, "desc": ...}` or plain."""
+    return value["value"] if isinstance(value, dict) and "value" in value else value
+
+
+def best_from_wandb(path: str, root: Path, out: Path | None = None) -> Path:
+    """best_config.yaml for a sweep of W&B's server, from `wandb.Api().sweep(path).best_run()` (ranked by the
+    sweep's metric on the server): the best run's own config.yaml when its run directory is below `root` (the
+    agent ran it here), else the sweep's command with the run's swept values, resolved by the CLI's parser."""
+    import wandb
+
+    try:
+        remote = wandb.Api().sweep(path)
+        definition = dict(remote.config)
+        best = remote.best_run()
+    except Exception as err:  # wandb's CommError/ValueError: offline, not logged in, or no such sweep
+        raise ForgelabError(
+            f"cannot read W&B sweep {path}: {err} (online and `wandb login` needed)"
+        ) from None
+    if best is None:
+        raise ForgelabError(f"W&B sweep {path} has no runs yet")
+    sweep_id = path.rstrip("/").rsplit("/", 1)[-1]
+    out = out or root / "sweeps" / sweep_id / BEST_CONFIG
+    params = {k: _unwrapped(best.config[k]) for k in definition.get("parameters") or {} if k in best.config}
+    command = trial_command(definition, params)
+    arguments = forgelab_arguments(command) or []
+    if not (arguments[:1] and arguments[0] in TRAINER_SUBCOMMANDS):
+        raise ForgelabError(
+            f"sweep {path} does not run `forgelab fit`; its best run's command: {' '.join(command)}"
+        )
+    local = find_run_dir(root, best.id)
+    if local is not None and (local / "config.yaml").is_file():
+        config = yaml.safe_load((local / "config.yaml").read_text())
+        source = f"the resolved config of W&B run {best.id} ({best.name}), best of sweep {path}, from {local}"
+    else:
+        problem, printed = run_forgelab([*arguments, "--print_config"])
+        if problem:
+            raise ConfigError(f"the best run's command ({best.name}) does not parse here: {problem}")
+        config = yaml.safe_load(printed)
+        source = (
+            f"W&B run {best.id} ({best.name}), best of sweep {path}: resolved from the sweep's command and the "
+            f"run's swept values with this checkout's configs (its run directory is not below {root})"
+        )
+    write_text(out, best_config_text(config, source, arguments[0]))
+    metric = (definition.get("metric") or {}).get("name")
+    value = dict(best.summary or {}).get(metric) if metric else None
+    scored = f" {metric} {value:.4g}" if isinstance(value, (int, float)) else ""
+    values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in params.items())
+    print(f"best: {best.name} ({best.id}){scored} with {values}", flush=True)
+    print(f"re-run it: forgelab {arguments[0]} --config {out}", flush=True)
+    return out
+
+
+def write_best(target: str, root: Path, out: Path | None) -> None:
+    """`forgelab sweep --best <sweep dir | entity/project/sweep id>`."""
+    directory = Path(target)
+    if not (directory / SWEEP_STATE).is_file():
+        if directory.exists():
+            raise ConfigError(f"{directory} is not a sweep directory (no {SWEEP_STATE})")
+        best_from_wandb(target, root, out)
+        return
+    state = json.loads((directory / SWEEP_STATE).read_text())
+    sweep = LocalSweep(state["definition"], directory, state.get("sweep_file", ""))
+    sweep.load()
+    best = sweep.best_trial()
+    if best is None:
+        raise ForgelabError(f"sweep {sweep.name} has no finished trial with {sweep.metric or 'a metric'} yet")
+    values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in best.params.items())
+    print(f"best: {best.name} {sweep.metric} {best.metric:.4g} with {values}", flush=True)
+    write_local_best(sweep, out)
+
+
 def dry_run(sweep: LocalSweep, count: int | None) -> None:
     """Print the trials' commands and check each as its trial would start (see `check_trial_command`)."""
     trials = sweep.dry_run_trials(sweep.trial_limit(count))
@@ -886,3 +1039,4 @@ def _write_comparison(sweep: LocalSweep) -> None:
         values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in best.params.items())
         print(f"\nbest: {best.name} {sweep.metric} {best.metric:.4g} with {values}")
     print(f"comparison: {out / 'compare.md'} (plots in {out / 'plots'})")
+    write_local_best(sweep)
