@@ -332,6 +332,72 @@ def test_a_trial_left_running_by_a_killed_sweep_process_starts_again(tmp_path, f
     assert trials[1]["metric"] == pytest.approx(0.5)
 
 
+def _ran(root: Path, index: int) -> dict:
+    return json.loads((root / "sweeps" / "stand_in" / f"trial-{index:03d}" / "ran.json").read_text())
+
+
+def test_parallel_trials_run_at_once_one_per_gpu(tmp_path, fast_polling, monkeypatch):
+    """--parallel 2 with two GPUs visible: two trials at a time, each seeing only its own GPU; the search still
+    picks every trial (a grid: each point once) and the sweep ends as a sequential one does."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    parameters = {"x": {"values": [0.1, 0.3, 0.5, 0.7]}, "epochs": {"value": 4}, "sleep": {"value": 0.15}}
+    path = _write(tmp_path, _stand_in(parameters))
+    code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--parallel", "2"])
+    assert code == 0, err
+    trials = _state(tmp_path)["trials"]
+    assert sorted(t["params"]["x"] for t in trials) == [0.1, 0.3, 0.5, 0.7]
+    assert [t["state"] for t in trials] == ["finished"] * 4
+    ran = [_ran(tmp_path, i) for i in range(4)]
+    assert ran[0]["start"] < ran[1]["end"] and ran[1]["start"] < ran[0]["end"]  # the first two overlapped
+    assert {ran[0]["CUDA_VISIBLE_DEVICES"], ran[1]["CUDA_VISIBLE_DEVICES"]} == {"0", "1"}
+    assert {r["CUDA_VISIBLE_DEVICES"] for r in ran} == {t["devices"] for t in trials} == {"0", "1"}
+    assert "best: trial-001" in out
+
+
+def test_parallel_trials_on_cpu_share_the_cores_and_too_many_is_a_clear_error(
+    tmp_path, fast_polling, monkeypatch
+):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    path = _write(tmp_path, _stand_in({"x": {"values": [0.1, 0.3]}, "epochs": {"value": 2}}))
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--parallel", str(cores + 1)])
+    assert code == 2 and f"--parallel {cores + 1}" in err and f"{cores} CPU" in err
+    assert not (tmp_path / "sweeps").exists()
+    if cores < 2:
+        pytest.skip("one CPU core: no two CPU trials at once")
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--parallel", "2"])
+    assert code == 0, err
+    assert {_ran(tmp_path, i)["OMP_NUM_THREADS"] for i in range(2)} == {str(cores // 2)}
+    assert {_ran(tmp_path, i)["CUDA_VISIBLE_DEVICES"] for i in range(2)} == {""}
+
+
+def test_an_interrupted_parallel_sweep_resumes_every_running_trial(tmp_path, fast_polling, monkeypatch):
+    """Ctrl-C while two trials run: both are stopped and recorded as pre-empted; the same command resumes
+    them (the same points, not new ones), then starts the rest."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    parameters = {"x": {"values": [0.1, 0.3, 0.5]}, "epochs": {"value": 6}, "sleep": {"value": 0.1}}
+    path = _write(tmp_path, _stand_in(parameters))
+    original = sweep_module.LocalSweep.should_stop_early
+
+    def ctrl_c_once_both_run(self, trial):
+        if trial.index == 1:
+            raise SweepInterrupted("SIGINT")
+        return original(self, trial)
+
+    monkeypatch.setattr(sweep_module.LocalSweep, "should_stop_early", ctrl_c_once_both_run)
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--parallel", "2"])
+    assert code == 130 and "--parallel 2" in err
+    assert [t["state"] for t in _state(tmp_path)["trials"]] == ["preempted", "preempted"]
+    monkeypatch.setattr(sweep_module.LocalSweep, "should_stop_early", original)
+    code, _, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--parallel", "2"])
+    assert code == 0, err
+    trials = _state(tmp_path)["trials"]
+    assert [t["state"] for t in trials] == ["finished"] * 3
+    assert [t["params"]["x"] for t in trials] == [0.1, 0.3, 0.5]
+    assert [_launches(tmp_path / "sweeps" / "stand_in" / f"trial-00{i}") for i in range(3)] == [2, 2, 1]
+
+
 def test_a_changed_sweep_file_is_not_mixed_into_the_old_sweep(tmp_path, fast_polling):
     definition = _stand_in({"x": {"values": [0.1]}, "epochs": {"value": 1}})
     path = _write(tmp_path, definition)
@@ -542,6 +608,26 @@ def test_three_trial_sweep_of_the_tiny_classifier_end_to_end(small_toy_world, tm
     assert code == 0, err
     assert "| Models | Accuracy | F1-Score | AUC | runs |" in out and "| ResNet-50 |" in out
     assert "| 2 |" in (tmp_path / "t3" / "table3.md").read_text()  # both finished trials, averaged
+
+
+@pytest.mark.slow
+def test_two_real_fit_trials_at_once_on_cpu(small_toy_world, tmp_path, monkeypatch):
+    """--parallel 2 with real `forgelab fit` trials of the tiny classifier on CPU: both run (each in its own
+    run directory, with half the cores' threads), both are tested, and the sweep compares them."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPU cores")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    path = _tiny_classifier_sweep(tmp_path, small_toy_world, [2.0e-3, 1.0e-3], "--trainer.max_epochs=1")
+    code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--parallel", "2"])
+    assert code == 0, err
+    trials = _state(tmp_path, "classifier_tiny")["trials"]
+    assert [t["state"] for t in trials] == ["finished", "finished"]
+    assert trials[1]["started"] <= trials[0]["ended"]  # the second started before the first ended
+    sweep_dir = tmp_path / "sweeps" / "classifier_tiny"
+    for trial in ("trial-000", "trial-001"):
+        assert (sweep_dir / trial / "test_metrics.json").is_file()
+        assert json.loads((sweep_dir / trial / "run.json").read_text())["outcome"] == "completed"
+    assert "| trial-000 |" in (sweep_dir / "compare" / "compare.md").read_text() and "re-run it:" in out
 
 
 @pytest.mark.slow

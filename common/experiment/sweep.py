@@ -24,6 +24,8 @@ when the same command is run again: an interrupted trial continues from its last
 when it had none), then new trials follow. A failed trial is recorded as failed and the sweep goes on, as with
 `wandb agent`; only when the first trials all fail does the sweep stop (the command itself is broken). A sweep
 whose trials all failed exits non-zero; one with some failed trials exits 0 and names them in its last line.
+`--parallel N` runs N trials at once (one per visible GPU, else one per CPU core), the search picking each next
+trial when a slot frees.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import yaml
@@ -318,10 +320,70 @@ class Trial:
     ended: str | None = None
     seconds: float = 0.0
     search_info: dict[str, Any] = field(default_factory=dict)
+    devices: str | None = None  # CUDA_VISIBLE_DEVICES of its last attempt (--parallel on GPUs)
 
     @property
     def name(self) -> str:
         return f"trial-{self.index:03d}"
+
+
+@dataclass
+class _Launch:
+    """A trial's running process and what its end needs."""
+
+    trial: Trial
+    process: subprocess.Popen
+    log: IO[bytes]
+    log_path: Path
+    start: float
+    stop_sent: float | None = None  # when hyperband's SIGTERM went out
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs trials may use: CUDA_VISIBLE_DEVICES when set (empty: none), else every GPU `nvidia-smi -L`
+    lists (none without it; not imported from torch: the sweep process stays light)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices = []
+        for device in (d.strip() for d in visible.split(",")):
+            if not device or device.startswith("-"):  # CUDA stops at the first invalid entry
+                break
+            devices.append(device)
+        return devices
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return []
+    try:
+        listed = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, _ in enumerate(line for line in listed.splitlines() if line.startswith("GPU "))]
+
+
+def trial_slots(parallel: int) -> list[dict[str, str]]:
+    """The environment each of `parallel` trials running at once gets on top of the sweep's: one GPU each
+    (CUDA_VISIBLE_DEVICES) when GPUs are visible, else an equal share of the CPU cores (OMP_NUM_THREADS, unless
+    set). One trial at a time changes nothing (a trial sees every GPU, e.g. for DDP)."""
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1, got {parallel}")
+    if parallel == 1:
+        return [{}]
+    gpus = visible_gpus()
+    if gpus:
+        if parallel > len(gpus):
+            raise ConfigError(
+                f"--parallel {parallel} runs one trial per GPU, but {len(gpus)} GPU(s) are visible "
+                f"({','.join(gpus)}): use --parallel {len(gpus)} or fewer"
+            )
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus[:parallel]]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if parallel > cores:
+        raise ConfigError(
+            f"--parallel {parallel} runs one trial per CPU core with no GPU visible, but this process may use "
+            f"{cores} CPU core(s): use --parallel {cores} or fewer"
+        )
+    threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, cores // parallel))}
+    return [dict(threads) for _ in range(parallel)]
 
 
 def _now() -> str:
@@ -544,36 +606,63 @@ class LocalSweep:
             "random and bayes sweeps never end by themselves: give --count N (or run_cap in the file)"
         )
 
-    def run(self, count: int | None) -> None:
+    def run(self, count: int | None, slots: list[dict[str, str]] | None = None) -> None:
+        """Run trials until the limit (or the grid's end): one per slot at a time (`trial_slots`), each started
+        as soon as a slot is free with the search's next suggestion given every trial so far, running ones
+        included (as W&B's server does for several agents)."""
+        slots = slots or [{}]
         limit = self.trial_limit(count)
-        self.invocations.append({"at": _now(), "count": count, "argv": sys.argv})
+        self.invocations.append({"at": _now(), "count": count, "parallel": len(slots), "argv": sys.argv})
         self.save()
-        self._print_header(limit)
-        while True:
-            trial = next((t for t in self.trials if t.state in ("pending", "preempted", "running")), None)
-            if trial is None:
-                if limit is not None and len(self.trials) >= limit:
+        self._print_header(limit, len(slots))
+        running: dict[int, _Launch] = {}  # slot -> the trial running in it
+        no_more = False
+        try:
+            while True:
+                for slot, extra_env in enumerate(slots):
+                    if slot in running or no_more:
+                        continue
+                    trial = self._next_trial(limit, running)
+                    if trial is None:
+                        no_more = True
+                    else:
+                        self._launch(trial, slot, extra_env, limit, running)
+                        self._check_initial_failures()  # a trial that could not even start
+                if not running:
                     break
-                suggestion = self.suggest(len(self.trials))
-                if suggestion is None:
-                    print(
-                        f"sweep {self.name}: the grid is exhausted after {len(self.trials)} trials",
-                        flush=True,
-                    )
-                    break
-                trial = Trial(index=len(self.trials), params=suggestion[0], search_info=suggestion[1])
-                self.trials.append(trial)
-                self.save()  # suggested before started: a crash now does not lose or repeat the suggestion
-            self.run_trial(trial, limit)
-            self._check_initial_failures()
+                self._poll(running)
+        except BaseException:  # Ctrl-C, SIGTERM, the first trials all failing: stop what runs, resumable
+            self._stop_all(running)
+            raise
 
-    def _print_header(self, limit: int | None) -> None:
+    def _next_trial(self, limit: int | None, running: dict[int, _Launch]) -> Trial | None:
+        """An interrupted trial first (pre-empted, or left running by a killed sweep process), else a new
+        suggestion; None when the limit is reached or the grid is exhausted."""
+        active = {launch.trial.index for launch in running.values()}
+        for trial in self.trials:
+            if trial.state in ("pending", "preempted", "running") and trial.index not in active:
+                if trial.state == "running" and _pid_alive(trial.pid):
+                    self._wait_for_orphan(trial)
+                return trial
+        if limit is not None and len(self.trials) >= limit:
+            return None
+        suggestion = self.suggest(len(self.trials))
+        if suggestion is None:
+            print(f"sweep {self.name}: the grid is exhausted after {len(self.trials)} trials", flush=True)
+            return None
+        trial = Trial(index=len(self.trials), params=suggestion[0], search_info=suggestion[1])
+        self.trials.append(trial)
+        self.save()  # suggested before started: a crash now does not lose or repeat the suggestion
+        return trial
+
+    def _print_header(self, limit: int | None, parallel: int = 1) -> None:
         done = sum(t.state in ("finished", "stopped", "failed") for t in self.trials)
         metric = f"{self.metric} ({self.goal})" if self.metric else "no metric"
         total = f"{limit} trials" if limit else "until the grid is exhausted"
         resumed = f", resuming after {done} done" if self.trials else ""
+        at_once = f", {parallel} at a time" if parallel > 1 else ""
         print(
-            f"sweep {self.name}: {self.definition.get('method')} search on {metric}, {total}{resumed}; "
+            f"sweep {self.name}: {self.definition.get('method')} search on {metric}, {total}{at_once}{resumed}; "
             f"state in {self.state_path}",
             flush=True,
         )
@@ -608,29 +697,38 @@ class LocalSweep:
             command += [f"--run.group={self.name}", f"--run.job_type={TRIAL_JOB_TYPE}"]
         return command
 
-    def run_trial(self, trial: Trial, limit: int | None) -> None:
+    def _launch(
+        self,
+        trial: Trial,
+        slot: int,
+        extra_env: dict[str, str],
+        limit: int | None,
+        running: dict[int, _Launch],
+    ) -> None:
+        """Start the trial's process in this slot (its GPU or CPU share); recorded in `running` at once."""
         trial_dir = self.directory / trial.name
-        if trial.state == "running" and _pid_alive(trial.pid):
-            self._wait_for_orphan(trial)
         resume_args = self._prepare_trial_dir(trial)
         command = self.command_for(trial) + resume_args
         trial_dir.mkdir(parents=True, exist_ok=True)
         write_json(trial_dir / "args.json", trial.params)
-        env = dict(os.environ)
+        env = dict(os.environ) | extra_env
         env[RUN_DIR_ENV] = str(trial_dir.resolve())
         position = f"[{trial.index + 1}/{limit}]" if limit else f"[{trial.index + 1}]"
         values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in trial.params.items())
         again = (
             " (resuming from its last checkpoint)" if resume_args else " (again)" if trial.attempts else ""
         )
-        print(f"{position} {trial.name}{again}: {values}", flush=True)
+        device = extra_env.get("CUDA_VISIBLE_DEVICES")
+        where = f" on GPU {device}" if device else ""
+        print(f"{position} {trial.name}{again}{where}: {values}", flush=True)
         log_path = trial_dir / "output.log"
         trial.attempts += 1
         trial.started = trial.started or _now()
-        start = time.monotonic()
-        with open(log_path, "ab") as log:
-            log.write(f"\n$ {' '.join(command)}\n".encode())
-            log.flush()
+        trial.devices = device
+        log = open(log_path, "ab")  # noqa: SIM115 -- open while the trial runs; closed by _end/_stop_all
+        log.write(f"\n$ {' '.join(command)}\n".encode())
+        log.flush()
+        try:
             process = subprocess.Popen(
                 command,
                 stdout=log,
@@ -639,20 +737,60 @@ class LocalSweep:
                 start_new_session=True,  # the trial's process group: its workers and DDP ranks end with it
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
-            trial.state, trial.pid = "running", process.pid
+        except OSError as err:  # no such program, not executable: the trial fails, as a crash would
+            log.write(f"cannot start {command[0]}: {err}\n".encode())
+            log.close()
+            trial.state, trial.error, trial.ended = "failed", f"cannot start {command[0]}: {err}", _now()
+            print(f"    {trial.name}: failed: {trial.error}", flush=True)
             self.save()
-            try:
-                exit_code, stopped = self._wait(trial, process)
-            except SweepInterrupted:
-                self._stop(process, signal.SIGINT)
-                trial.state, trial.pid = "preempted", None
-                trial.seconds += time.monotonic() - start
-                self.save()
-                raise
-        _kill_group(process)  # workers or DDP ranks the trial left behind go with it
-        trial.seconds += time.monotonic() - start
+            return
+        running[slot] = _Launch(trial, process, log, log_path, time.monotonic())
+        trial.state, trial.pid = "running", process.pid
+        self.save()
+
+    def _poll(self, running: dict[int, _Launch]) -> None:
+        """Wait up to POLL_SECONDS for a trial to end; end the ones that did, stop the ones hyperband drops."""
+        first = next(iter(running.values()))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            first.process.wait(timeout=POLL_SECONDS)
+        for slot, launch in list(running.items()):
+            exit_code = launch.process.poll()
+            if exit_code is None:
+                if launch.stop_sent is None and self.should_stop_early(launch.trial):
+                    print(f"    {launch.trial.name}: stopped early by hyperband", flush=True)
+                    launch.process.send_signal(signal.SIGTERM)  # as wandb agent: Lightning stops at a batch
+                    launch.stop_sent = time.monotonic()
+                elif launch.stop_sent is not None and time.monotonic() - launch.stop_sent > KILL_DELAY:
+                    _kill_group(launch.process)
+                continue
+            del running[slot]
+            self._end(launch, exit_code)
+            self._check_initial_failures()
+
+    def _end(self, launch: _Launch, exit_code: int) -> None:
+        trial = launch.trial
+        _kill_group(launch.process)  # workers or DDP ranks the trial left behind go with it
+        launch.log.close()
+        trial.seconds += time.monotonic() - launch.start
         trial.exit_code, trial.pid, trial.ended = exit_code, None, _now()
-        self._finish(trial, exit_code, stopped, log_path)
+        self._finish(trial, exit_code, launch.stop_sent is not None, launch.log_path)
+        self.save()
+
+    def _stop_all(self, running: dict[int, _Launch]) -> None:
+        """Stop the running trials the way a terminal would (Ctrl-C reaches Lightning, which saves and exits),
+        within KILL_DELAY in all, and record them as pre-empted: the next run of the sweep resumes them."""
+        for launch in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                launch.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + KILL_DELAY
+        for launch in running.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                launch.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            _kill_group(launch.process)
+            launch.log.close()
+            launch.trial.state, launch.trial.pid = "preempted", None
+            launch.trial.seconds += time.monotonic() - launch.start
+        running.clear()
         self.save()
 
     def _wait_for_orphan(self, trial: Trial) -> None:
@@ -668,28 +806,6 @@ class LocalSweep:
             raise ForgelabError(
                 f"{trial.name} of sweep {self.name} is still running as pid {trial.pid}; stop it, then run again"
             )
-
-    def _wait(self, trial: Trial, process: subprocess.Popen) -> tuple[int, bool]:
-        stop_sent: float | None = None
-        while True:
-            try:
-                return process.wait(timeout=POLL_SECONDS), stop_sent is not None
-            except subprocess.TimeoutExpired:
-                pass
-            if stop_sent is None and self.should_stop_early(trial):
-                print(f"    {trial.name}: stopped early by hyperband", flush=True)
-                process.send_signal(signal.SIGTERM)  # as wandb agent: Lightning stops at the next batch
-                stop_sent = time.monotonic()
-            elif stop_sent is not None and time.monotonic() - stop_sent > KILL_DELAY:
-                _kill_group(process)
-
-    def _stop(self, process: subprocess.Popen, sig: int) -> None:
-        """Stop a trial the way a terminal would (Ctrl-C reaches Lightning, which saves and exits)."""
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=KILL_DELAY)
-        _kill_group(process)
 
     def _finish(self, trial: Trial, exit_code: int, stopped: bool, log_path: Path) -> None:
         history = read_metrics_csv(self.directory / trial.name / "metrics.csv")
@@ -817,6 +933,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of a new sweep's random and bayes suggestions (a resumed sweep keeps its own)",
     )
     parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N trials at once: one per GPU when GPUs are visible (CUDA_VISIBLE_DEVICES per trial), else one "
+        "per CPU core (OMP_NUM_THREADS = cores / N); the search picks each next trial as a slot frees. Default 1",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the file, print the trials' commands and parse each with the CLI as its trial would "
@@ -856,6 +980,7 @@ def main(argv: list[str]) -> None:
     )
     directory = Path(args.root) / "sweeps" / name
     sweep = LocalSweep(definition, directory, args.sweep_file, seed=args.seed)
+    slots = trial_slots(args.parallel)
     if args.dry_run:
         dry_run(sweep, args.count)
         return
@@ -873,7 +998,7 @@ def main(argv: list[str]) -> None:
             write_text(directory / "sweep.yaml", Path(args.sweep_file).read_text())
         try:
             with _interrupts_as_exception():
-                sweep.run(args.count)
+                sweep.run(args.count, slots)
         except SweepInterrupted as signal_name:
             done = sum(t.state in ("finished", "stopped", "failed") for t in sweep.trials)
             print(
@@ -881,7 +1006,8 @@ def main(argv: list[str]) -> None:
                 f"run the same command to resume: forgelab sweep {args.sweep_file}"
                 + (f" --name {args.name}" if args.name else "")
                 + (f" --root {args.root}" if args.root != "runs" else "")
-                + (f" --count {args.count}" if args.count else ""),
+                + (f" --count {args.count}" if args.count else "")
+                + (f" --parallel {args.parallel}" if args.parallel > 1 else ""),
                 file=sys.stderr,
             )
             raise SystemExit(130) from None
