@@ -845,8 +845,9 @@ class LocalSweep:
             return
         if len(failed) == len(ended):
             last = failed[-1]
+            which = f"all {len(ended)} trials" if len(ended) > 1 else "the only trial"
             raise ForgelabError(
-                f"all {len(ended)} trials of sweep {self.name} failed (last: {last.error or 'see its log'}); "
+                f"{which} of sweep {self.name} failed (last: {last.error or 'see its log'}); "
                 f"see {self.directory / last.name / 'output.log'}"
             )
         names = ", ".join(t.name for t in failed)
