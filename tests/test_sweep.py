@@ -202,12 +202,13 @@ def test_missing_config_files_are_reported_before_any_trial(tmp_path):
 
 
 def test_a_trial_whose_program_cannot_start_is_a_failed_trial(tmp_path, fast_polling):
-    definition = _stand_in({"x": {"values": [0.1]}})
+    """...and the sweep goes on to the next trial, as after a crash."""
+    definition = _stand_in({"x": {"values": [0.1, 0.2]}})
     definition["command"] = [str(tmp_path / "not_a_program"), "${args}"]
     code, _, err = run_cli(["sweep", str(_write(tmp_path, definition)), "--root", str(tmp_path)])
-    assert code == 2 and "the only trial of sweep stand_in failed" in err and "cannot start" in err
-    (trial,) = _state(tmp_path)["trials"]
-    assert trial["state"] == "failed" and "not_a_program" in trial["error"]
+    assert code == 2 and "all 2 trials of sweep stand_in failed" in err and "cannot start" in err
+    trials = _state(tmp_path)["trials"]
+    assert [t["state"] for t in trials] == ["failed", "failed"] and "not_a_program" in trials[1]["error"]
 
 
 def test_random_sweep_without_count_or_run_cap_is_a_clear_error(tmp_path):

@@ -276,9 +276,8 @@ def run_forgelab(arguments: list[str]) -> tuple[str | None, str]:
             forgelab_main(arguments)
     except SystemExit as exit_:
         if exit_.code not in (0, None):
-            return one_line_cli_error(
-                err.getvalue()
-            ) or f"the command exits with {exit_.code}", out.getvalue()
+            problem = one_line_cli_error(err.getvalue()) or f"the command exits with {exit_.code}"
+            return problem, out.getvalue()
     except Exception as exc:  # the trial would crash on it the same way
         return f"{type(exc).__name__}: {exc}".splitlines()[0], out.getvalue()
     return None, out.getvalue()
@@ -628,9 +627,10 @@ class LocalSweep:
                     else:
                         self._launch(trial, slot, extra_env, limit, running)
                         self._check_initial_failures()  # a trial that could not even start
-                if not running:
+                if running:
+                    self._poll(running)
+                elif no_more:
                     break
-                self._poll(running)
         except BaseException:  # Ctrl-C, SIGTERM, the first trials all failing: stop what runs, resumable
             self._stop_all(running)
             raise
