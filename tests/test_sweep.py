@@ -436,9 +436,10 @@ def test_dry_run_prints_every_trial_command_and_runs_nothing(tmp_path):
     code, out, err = run_cli(["sweep", str(path), "--root", str(tmp_path), "--dry-run"])
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].startswith("trial-000: ") and lines[0].endswith(f"{PROGRAM} --x=0.25")
-    assert lines[1].startswith("trial-001: ") and lines[1].endswith(f"{PROGRAM} --x=0.5")
-    assert "nothing was run" in lines[-1] and not (tmp_path / "sweeps").exists()
+    assert lines[0].split() == [sys.executable, str(PROGRAM), "--x=0.25"]  # one command a line, as it runs
+    assert lines[1].split() == [sys.executable, str(PROGRAM), "--x=0.5"]
+    assert len(lines) == 3 and "2 trial commands" in lines[-1] and "nothing was run" in lines[-1]
+    assert not (tmp_path / "sweeps").exists()
 
 
 def test_dry_run_of_a_program_that_does_not_exist_fails(tmp_path):
@@ -476,7 +477,10 @@ def test_dry_run_parses_every_value_a_trial_can_get(tmp_path, monkeypatch, metho
     assert code == 2, out
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "trial-002" in err and "trainer.max_epochs" in err and "many" in err
-    assert [line.split(":")[0] for line in out.splitlines()] == ["trial-000", "trial-001", "trial-002"]
+    epochs = [
+        arg for line in out.splitlines() for arg in line.split() if arg.startswith("--trainer.max_epochs")
+    ]
+    assert epochs == ["--trainer.max_epochs=1", "--trainer.max_epochs=2", "--trainer.max_epochs=many"]
     definition["parameters"]["trainer.max_epochs"]["values"] = [1, 2]
     code, out, err = run_cli(["sweep", str(_write(tmp_path, definition)), "--dry-run"])
     assert code == 0, err

@@ -1145,7 +1145,7 @@ def dry_run(sweep: LocalSweep, count: int | None) -> None:
     parsed = False
     for trial in trials:
         command = sweep.command_for(trial)
-        print(f"{trial.name}: {' '.join(command)}", flush=True)
+        print(" ".join(command), flush=True)  # as it would run: one command a line, ready to paste
         problem = check_trial_command(command)
         if problem:
             values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in trial.params.items())
