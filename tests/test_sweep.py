@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import importlib
 import json
 import math
@@ -88,20 +89,31 @@ def test_every_sweep_file_passes_wandbs_own_schema(path):
     assert "${args}" in definition["command"] and definition["command"][:2] == ["forgelab", "fit"]
 
 
-@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
-def test_every_sweep_file_trial_command_parses_with_the_swept_values(path, monkeypatch):
-    """The command `wandb agent` would run for the search's first suggestion is accepted by the real CLI, and
-    every swept value lands where its parameter name says (the names are jsonargparse keys)."""
-    monkeypatch.chdir(REPO)
+@functools.cache
+def _printed_first_trial(path: Path) -> tuple[dict, str]:
+    """The search's first suggestion for a sweep file and the real CLI's `--print_config` of the command
+    `wandb agent` would run for it, from the repository root (parsed once per file for the tests below)."""
     definition = load_sweep_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         suggestion = sweeps.next_run(definition, [])
     params = {key: value["value"] for key, value in suggestion.config.items()}
     command = trial_command(definition, params)
-    fit = command.index("fit")
-    code, out, err = run_cli([*command[fit:], "--print_config"])
+    here = os.getcwd()
+    os.chdir(REPO)
+    try:
+        code, out, err = run_cli([*command[command.index("fit") :], "--print_config"])
+    finally:
+        os.chdir(here)
     assert code == 0, err
+    return params, out
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_every_sweep_file_trial_command_parses_with_the_swept_values(path):
+    """The command `wandb agent` would run for the search's first suggestion is accepted by the real CLI, and
+    every swept value lands where its parameter name says (the names are jsonargparse keys)."""
+    params, out = _printed_first_trial(path)
     printed = yaml.safe_load(out)
     for key, value in params.items():
         if key == "config":  # the experiment config itself is swept (Table 3's backbones): its values win
@@ -690,30 +702,25 @@ def test_ddp_trials_share_one_run_directory_and_one_wandb_run(small_toy_world, t
 
 # -- the sweep files agree with what they train and with the README --------------------------------------------
 def _model_classes(path: Path) -> set[type]:
-    """The LightningModule classes a sweep file's trials train, as the real CLI resolves them: the first
-    suggestion's command, and for a swept experiment config (`config: values:`) every listed config."""
+    """The LightningModule classes a sweep file's trials train: the class the real CLI resolves for the first
+    suggestion's command (`_printed_first_trial`), and for a swept experiment config (`config: values:`) the
+    class each listed config names."""
     definition = load_sweep_file(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        first = {key: value["value"] for key, value in sweeps.next_run(definition, []).config.items()}
-    swept_configs = (definition["parameters"].get("config") or {}).get("values") or [None]
+    class_paths = {yaml.safe_load(_printed_first_trial(path)[1])["model"]["class_path"]}
+    for config in (definition["parameters"].get("config") or {}).get("values") or []:
+        class_paths.add(yaml.safe_load((REPO / config).read_text())["model"]["class_path"])
     classes = set()
-    for config in swept_configs:
-        params = first if config is None else {**first, "config": config}
-        command = trial_command(definition, params)
-        code, out, err = run_cli([*command[command.index("fit") :], "--print_config"])
-        assert code == 0, err
-        module, _, name = yaml.safe_load(out)["model"]["class_path"].rpartition(".")
+    for class_path in class_paths:
+        module, _, name = class_path.rpartition(".")
         classes.add(getattr(importlib.import_module(module), name))
     return classes
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
-def test_every_sweep_ranks_trials_on_the_checkpoint_monitor_of_the_model_it_trains(path, monkeypatch):
+def test_every_sweep_ranks_trials_on_the_checkpoint_monitor_of_the_model_it_trains(path):
     """The sweep's best trial is the one whose best checkpoint is best: the sweep metric (and goal) is the key
     (and mode) the trained model's checkpoints monitor. A model without a monitor keeps its last epoch (ITEM);
     its sweep may rank on any validation metric, never on a test one."""
-    monkeypatch.chdir(REPO)
     metric = load_sweep_file(path)["metric"]
     for model_class in _model_classes(path):
         if model_class.monitor is None:
