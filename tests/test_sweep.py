@@ -1,6 +1,8 @@
-"""`forgelab sweep`: every sweep file passes W&B's own schema and its trial command (built as `wandb agent`
-builds it) parses with the real CLI; the local controller (W&B's `sweeps` search, failures, hyperband,
-resuming, locking) on a fast stand-in program; a real 3-trial sweep of the tiny classifier end to end."""
+"""`forgelab sweep`: every sweep file passes W&B's own schema, its trial command (built as `wandb agent`
+builds it, checked against the agent itself) parses with the real CLI, its metric is its model's checkpoint
+monitor and the README lists it; the local controller (W&B's `sweeps` search, failures and exit codes,
+hyperband, resuming, locking, dry runs, parallel trials) on a fast stand-in program; real tiny-classifier
+trials with compare and best_config.yaml, and (slow) a 3-trial sweep end to end."""
 
 from __future__ import annotations
 
