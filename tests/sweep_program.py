@@ -1,6 +1,7 @@
 """A training program for the sweep controller's tests: writes a run directory the way `forgelab fit` does
 (run.json, config.yaml, metrics.csv with one `val/loss` row per epoch) in milliseconds, so grid/random/bayes,
-failures, hyperband and resuming can be tested without paying a Lightning start-up per trial.
+failures, hyperband, resuming and parallel trials can be tested without paying a Lightning start-up per trial;
+a trial that ends writes ran.json (start and end time, CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS it saw).
 
     python tests/sweep_program.py --x=0.3 --epochs=5 [--sleep=0.1] [--fail=true]
 
@@ -28,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = Path(os.environ["FORGELAB_RUN_DIR"])
     run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     (run_dir / "run.json").write_text(json.dumps({"name": run_dir.name, "group": "stand-in"}))
     (run_dir / "config.yaml").write_text(f"x: {args.x}\nepochs: {args.epochs}\nlabel: '{args.label}'\n")
     with open(run_dir / "metrics.csv", "w", newline="") as handle:
@@ -41,6 +43,9 @@ def main() -> None:
             writer.writerow([epoch, 10 * (epoch + 1), (args.x - 0.3) ** 2 + 1 / (epoch + 1)])
             handle.flush()
             time.sleep(args.sleep)
+    # when it ran and on what: the parallel sweep's tests check the trials overlapped on different devices
+    slot = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
+    (run_dir / "ran.json").write_text(json.dumps({"start": started, "end": time.time(), **slot}))
     print(f"done x={args.x}")
 
 

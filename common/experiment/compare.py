@@ -4,6 +4,8 @@
     forgelab compare runs/inpaint_probe --group table3           # every run below a folder, one W&B group
     forgelab compare runs/inpaint_probe/run-a runs/inpaint_probe/run-b
     forgelab compare runs/sweeps/classifier_table3 --table configs/inpaint_probe/tables/table3.yaml
+    forgelab compare --sweep <W&B sweep id>                      # runs of `wandb agent` below runs/
+    forgelab compare --group table3                              # one group's runs below runs/
     forgelab compare --wandb <entity>/<project> --sweep <id>     # the same from W&B's server (online)
 
 Writes `<out>/compare.md` (and .csv): one row per run with the config keys that differ between the runs (the
@@ -100,6 +102,7 @@ class RunRecord:
     state: str = ""  # sweep trials: finished | stopped | failed | running ...
     params: dict[str, Any] = field(default_factory=dict)  # swept values (sweep trials)
     group: str | None = None
+    sweep_id: str | None = None  # W&B's sweep id (runs of `wandb agent`), or the `forgelab sweep` name
     path: str = ""
 
     def value(self, key: str) -> float | None:
@@ -173,6 +176,7 @@ def load_run_dir(path: str | Path) -> RunRecord:
         summary=summary,
         test_report=report,
         group=record.get("group", config.get("run.group")),
+        sweep_id=record.get("wandb_sweep_id"),
         path=str(path),
         state=_state_of(record.get("outcome", "")),
     )
@@ -196,7 +200,7 @@ def load_sweep_dir(path: str | Path) -> tuple[list[RunRecord], dict[str, Any]]:
             trial.get("state", ""),
             dict(trial.get("params") or {}),
         )
-        record.group = state.get("name", path.name)
+        record.group = record.sweep_id = state.get("name", path.name)
         records.append(record)
     definition = state.get("definition") or {}
     return records, sweep_info(state.get("name", path.name), definition)
@@ -262,6 +266,7 @@ def record_from_wandb_run(run: Any) -> RunRecord:
         test_report=report_from_summary(summary),
         state=str(run.state),
         group=getattr(run, "group", None),
+        sweep_id=getattr(getattr(run, "sweep", None), "id", None),
         path=getattr(run, "url", ""),
     )
 
@@ -708,7 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--goal", choices=("minimize", "maximize"), default=None, help="default: from the metric's name"
     )
-    parser.add_argument("--group", default=None, help="only runs of this group (run.group / W&B group)")
+    parser.add_argument(
+        "--group", default=None, help="only runs of this group (run.group / W&B group); no paths: below runs/"
+    )
     parser.add_argument(
         "--table", default=None, help="a paper-table spec, e.g. configs/inpaint_probe/tables/table3.yaml"
     )
@@ -718,20 +725,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--wandb", default=None, metavar="ENTITY/PROJECT", help="read runs from W&B instead (online)"
     )
-    parser.add_argument("--sweep", default=None, help="with --wandb: a sweep id of that project")
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        help="only runs of this sweep: a W&B sweep id (or entity/project/id; runs of `wandb agent` record it in "
+        "run.json) or a `forgelab sweep` name; no paths: below runs/. With --wandb: a sweep of that project",
+    )
     return parser
+
+
+def select(records: list[RunRecord], sweep: str | None, group: str | None, where: str) -> list[RunRecord]:
+    """The runs of one sweep and/or one group; a one-line error naming the sweeps or groups there are."""
+    if sweep:
+        sweep_id = sweep.rstrip("/").rsplit("/", 1)[-1]  # entity/project/<id> as W&B prints it
+        found = [r for r in records if r.sweep_id == sweep_id]
+        if not found:
+            known = ", ".join(sorted({r.sweep_id for r in records if r.sweep_id})) or "none"
+            raise ForgelabError(f"no runs of sweep '{sweep_id}' below {where} (sweeps there: {known})")
+        records = found
+    if group:
+        found = [r for r in records if r.group == group]
+        if not found:
+            known = ", ".join(sorted({str(r.group) for r in records if r.group})) or "none"
+            raise ForgelabError(f"no runs in group '{group}' below {where} (groups there: {known})")
+        records = found
+    return records
 
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    if bool(args.paths) == bool(args.wandb):
+    if args.paths and args.wandb:
         raise ConfigError("give run/sweep directories, or --wandb <entity>/<project> (not both)")
+    if not args.paths and not args.wandb and not (args.sweep or args.group):
+        raise ConfigError(
+            "give run/sweep directories, --sweep <id> or --group <group> (runs below runs/), "
+            "or --wandb <entity>/<project>"
+        )
     if args.wandb:
         records, infos = load_wandb(args.wandb, sweep=args.sweep, group=args.group)
     else:
-        records, infos = collect(args.paths)
-        if args.group:
-            records = [r for r in records if r.group == args.group]
+        paths = args.paths or ["runs"]
+        records, infos = collect(paths)
+        records = select(records, args.sweep, args.group, ", ".join(paths))
+        if args.sweep or args.group:  # only the sweeps whose trials are still in the comparison
+            names = {r.sweep_id for r in records}
+            infos = [info for info in infos if info.get("name") in names]
     if not records:
         raise ForgelabError("no runs to compare" + (f" in group '{args.group}'" if args.group else ""))
     table = load_table_spec(args.table) if args.table else None
@@ -739,6 +777,10 @@ def main(argv: list[str]) -> None:
         out = Path(args.out)
     elif len(args.paths) == 1 and (Path(args.paths[0]) / SWEEP_STATE).is_file():
         out = Path(args.paths[0]) / "compare"
+    elif args.sweep and not args.wandb:
+        out = Path("runs") / "compare" / f"sweep-{args.sweep.rstrip('/').rsplit('/', 1)[-1]}"
+    elif args.group and not args.wandb and not args.paths:
+        out = Path("runs") / "compare" / f"group-{args.group}"
     else:
         out = Path("runs") / "compare" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     print(compare_runs(records, out, infos, args.metric, args.goal, table, args.generator))

@@ -3,6 +3,7 @@
 The same file serves both ways of sweeping:
     wandb sweep configs/sweeps/x.yaml && wandb agent <sweep id>      # W&B's server picks the trials
     forgelab sweep configs/sweeps/x.yaml --count 8                   # this module picks them, locally
+    forgelab sweep --best <entity>/<project>/<sweep id>              # best_config.yaml of a server sweep
 
 Here the trials are chosen by W&B's own search engine (the `sweeps` package: grid, random, bayes; hyperband
 early termination when the file has `early_terminate`), and each trial runs the file's `command:` exactly as
@@ -15,12 +16,16 @@ and its own run directory:
         trial-000/         a complete run directory (config.yaml, metrics.csv, checkpoints/, wandb/ ...)
                            plus output.log, the trial's console output
         compare/           the comparison table and plots, rewritten when the sweep ends
+        best_config.yaml   the best trial's resolved config: `forgelab fit --config best_config.yaml` re-runs it
 
 Every trial of a sweep is in one W&B group (the sweep's name; offline runs sync later with `wandb sync`).
 The state is written atomically after every change, so a sweep killed at any point resumes where it stopped
 when the same command is run again: an interrupted trial continues from its last checkpoint (or starts over
 when it had none), then new trials follow. A failed trial is recorded as failed and the sweep goes on, as with
-`wandb agent`; only when the first trials all fail does the sweep stop (the command itself is broken).
+`wandb agent`; only when the first trials all fail does the sweep stop (the command itself is broken). A sweep
+whose trials all failed exits non-zero; one with some failed trials exits 0 and names them in its last line.
+`--parallel N` runs N trials at once (one per visible GPU, else one per CPU core), the search picking each next
+trial when a slot frees.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import copy
 import ctypes
 import datetime as _dt
 import fcntl
+import io
 import json
 import os
 import random
@@ -44,7 +50,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import yaml
@@ -157,6 +163,7 @@ def forgelab_executable() -> list[str]:
 
 def _args_macros(params: dict[str, Any]) -> dict[str, list[str]]:
     """`${args}`, `${args_json}` ... for these values, formatted by wandb agent's own function."""
+    # no public wandb API expands a sweep command (wandb.agent needs a server); the agent itself calls this
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
     return create_sweep_command_args({"args": {key: {"value": value} for key, value in params.items()}})
@@ -167,6 +174,7 @@ def trial_command(
 ) -> list[str]:
     """The command `wandb agent` would run for these parameter values (same macros, same `--key=value`), with
     `forgelab` resolved to this environment's and `${interpreter}` to this Python."""
+    # no public wandb API expands a sweep command (wandb.agent needs a server); the agent itself calls this
     from wandb.sdk.launch.sweeps.utils import create_sweep_command
 
     template = create_sweep_command(copy.deepcopy(definition.get("command")) or list(DEFAULT_COMMAND))
@@ -213,6 +221,87 @@ def missing_config_files(command: list[str]) -> list[str]:
     return missing
 
 
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def forgelab_arguments(command: list[str]) -> list[str] | None:
+    """The arguments after `forgelab` (or `python -m common.experiment.cli`), or None for another program."""
+    if command and Path(command[0]).name == "forgelab":
+        return command[1:]
+    if len(command) > 2 and command[1:3] == ["-m", "common.experiment.cli"]:
+        return command[3:]
+    return None
+
+
+def check_trial_command(command: list[str]) -> str | None:
+    """What would stop this trial before it trains, as one line (None when nothing does): a `forgelab fit|
+    validate|test|predict` command is parsed by the CLI itself (`--print_config`, in this process: config files,
+    keys, types and choices, as the trial's own parser checks them); another program must exist."""
+    arguments = forgelab_arguments(command)
+    if arguments is not None and arguments[:1] and arguments[0] in TRAINER_SUBCOMMANDS:
+        problem = parse_with_cli([*arguments, "--print_config"])
+        if problem and "does not exist" in problem:
+            problem += (
+                " (the command's paths are relative to the current directory: run from the repository root)"
+            )
+        return problem
+    missing = missing_config_files(command)
+    if missing:
+        return (
+            f"config files do not exist here: {', '.join(missing)} "
+            "(the command's paths are relative to the current directory: run from the repository root)"
+        )
+    if arguments is None and command:
+        if shutil.which(command[0]) is None:
+            return f"{command[0]} is not a program on PATH"
+        script = command[1] if len(command) > 1 else ""
+        python = Path(command[0]).name.startswith("python")
+        if python and script and not script.startswith("-") and not Path(script).is_file():
+            return f"{script} does not exist (relative to the current directory)"
+    return None
+
+
+def parse_with_cli(arguments: list[str]) -> str | None:
+    """Run `forgelab <arguments>` in this process, its output kept; the one-line error when it fails."""
+    return run_forgelab(arguments)[0]
+
+
+def run_forgelab(arguments: list[str]) -> tuple[str | None, str]:
+    """`forgelab <arguments>` in this process: (the one-line error or None, what it printed on stdout)."""
+    from common.experiment.cli import main as forgelab_main
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            forgelab_main(arguments)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            problem = one_line_cli_error(err.getvalue()) or f"the command exits with {exit_.code}"
+            return problem, out.getvalue()
+    except Exception as exc:  # the trial would crash on it the same way
+        return f"{type(exc).__name__}: {exc}".splitlines()[0], out.getvalue()
+    return None, out.getvalue()
+
+
+# lines of jsonargparse's union-type explanations that say nothing about the value given
+_NOISE = ("Subtypes:", "Errors:", "Given value type:", "Does not validate against any of the Union subtypes")
+
+
+def one_line_cli_error(stderr: str) -> str | None:
+    """forgelab's or jsonargparse's error in one line: the offending key, what it expected, the value given."""
+    lines = stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^(forgelab: )?error:", line)]
+    if not starts:
+        return None
+    parts: list[str] = []
+    for line in [re.sub(r"^(forgelab: )?error:\s*", "", lines[starts[-1]]), *lines[starts[-1] + 1 :]]:
+        text = line.strip().removeprefix("- ").strip()
+        if not text or text.startswith(_NOISE) or "NoneType" in text or "NestedArg" in text:
+            continue
+        parts.append(text if not parts or parts[-1].endswith(":") else "; " + text)
+    return re.sub(r"\s+", " ", " ".join(parts).replace(" ; ", "; "))[:500]
+
+
 # -- state ------------------------------------------------------------------------------------------------------
 @dataclass
 class Trial:
@@ -230,10 +319,70 @@ class Trial:
     ended: str | None = None
     seconds: float = 0.0
     search_info: dict[str, Any] = field(default_factory=dict)
+    devices: str | None = None  # CUDA_VISIBLE_DEVICES of its last attempt (--parallel on GPUs)
 
     @property
     def name(self) -> str:
         return f"trial-{self.index:03d}"
+
+
+@dataclass
+class _Launch:
+    """A trial's running process and what its end needs."""
+
+    trial: Trial
+    process: subprocess.Popen
+    log: IO[bytes]
+    log_path: Path
+    start: float
+    stop_sent: float | None = None  # when hyperband's SIGTERM went out
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs trials may use: CUDA_VISIBLE_DEVICES when set (empty: none), else every GPU `nvidia-smi -L`
+    lists (none without it; not imported from torch: the sweep process stays light)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices = []
+        for device in (d.strip() for d in visible.split(",")):
+            if not device or device.startswith("-"):  # CUDA stops at the first invalid entry
+                break
+            devices.append(device)
+        return devices
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return []
+    try:
+        listed = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, _ in enumerate(line for line in listed.splitlines() if line.startswith("GPU "))]
+
+
+def trial_slots(parallel: int) -> list[dict[str, str]]:
+    """The environment each of `parallel` trials running at once gets on top of the sweep's: one GPU each
+    (CUDA_VISIBLE_DEVICES) when GPUs are visible, else an equal share of the CPU cores (OMP_NUM_THREADS, unless
+    set). One trial at a time changes nothing (a trial sees every GPU, e.g. for DDP)."""
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1, got {parallel}")
+    if parallel == 1:
+        return [{}]
+    gpus = visible_gpus()
+    if gpus:
+        if parallel > len(gpus):
+            raise ConfigError(
+                f"--parallel {parallel} runs one trial per GPU, but {len(gpus)} GPU(s) are visible "
+                f"({','.join(gpus)}): use --parallel {len(gpus)} or fewer"
+            )
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus[:parallel]]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if parallel > cores:
+        raise ConfigError(
+            f"--parallel {parallel} runs one trial per CPU core with no GPU visible, but this process may use "
+            f"{cores} CPU core(s): use --parallel {cores} or fewer"
+        )
+    threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, cores // parallel))}
+    return [dict(threads) for _ in range(parallel)]
 
 
 def _now() -> str:
@@ -417,6 +566,33 @@ class LocalSweep:
             to_stop = sweeps.stop_runs(self.definition, runs)
         return any(run.name == trial.name for run in to_stop)
 
+    def dry_run_trials(self, limit: int | None) -> list[Trial]:
+        """The trials a dry run parses: every grid point (up to the limit); for random and bayes search, enough
+        of the search's first suggestions that every value of every `values:` list is given to one of them."""
+        if self.definition.get("method") == "grid":
+            trials: list[Trial] = []
+            while limit is None or len(trials) < limit:
+                probe = LocalSweep(self.definition, self.directory, self.sweep_file, self.seed)
+                probe.trials = trials
+                suggestion = probe.suggest(len(trials))
+                if suggestion is None:
+                    break
+                trials.append(Trial(index=len(trials), params=suggestion[0]))
+            return trials
+        parameters = self.definition.get("parameters") or {}
+        listed = {
+            k: spec["values"] for k, spec in parameters.items() if isinstance(spec, dict) and "values" in spec
+        }
+        count = max([1, *(len(values) for values in listed.values())])
+        trials = []
+        for index in range(count if limit is None else min(count, limit)):
+            suggestion = self.suggest(index)
+            params = dict(suggestion[0]) if suggestion else {}
+            for key, values in listed.items():
+                params[key] = _plain(values[index % len(values)])
+            trials.append(Trial(index=index, params=params))
+        return trials
+
     # -- running trials --------------------------------------------------------------------------------------
     def trial_limit(self, count: int | None) -> int | None:
         cap = self.definition.get("run_cap")
@@ -429,36 +605,64 @@ class LocalSweep:
             "random and bayes sweeps never end by themselves: give --count N (or run_cap in the file)"
         )
 
-    def run(self, count: int | None) -> None:
+    def run(self, count: int | None, slots: list[dict[str, str]] | None = None) -> None:
+        """Run trials until the limit (or the grid's end): one per slot at a time (`trial_slots`), each started
+        as soon as a slot is free with the search's next suggestion given every trial so far, running ones
+        included (as W&B's server does for several agents)."""
+        slots = slots or [{}]
         limit = self.trial_limit(count)
-        self.invocations.append({"at": _now(), "count": count, "argv": sys.argv})
+        self.invocations.append({"at": _now(), "count": count, "parallel": len(slots), "argv": sys.argv})
         self.save()
-        self._print_header(limit)
-        while True:
-            trial = next((t for t in self.trials if t.state in ("pending", "preempted", "running")), None)
-            if trial is None:
-                if limit is not None and len(self.trials) >= limit:
+        self._print_header(limit, len(slots))
+        running: dict[int, _Launch] = {}  # slot -> the trial running in it
+        no_more = False
+        try:
+            while True:
+                for slot, extra_env in enumerate(slots):
+                    if slot in running or no_more:
+                        continue
+                    trial = self._next_trial(limit, running)
+                    if trial is None:
+                        no_more = True
+                    else:
+                        self._launch(trial, slot, extra_env, limit, running)
+                        self._check_initial_failures()  # a trial that could not even start
+                if running:
+                    self._poll(running)
+                elif no_more:
                     break
-                suggestion = self.suggest(len(self.trials))
-                if suggestion is None:
-                    print(
-                        f"sweep {self.name}: the grid is exhausted after {len(self.trials)} trials",
-                        flush=True,
-                    )
-                    break
-                trial = Trial(index=len(self.trials), params=suggestion[0], search_info=suggestion[1])
-                self.trials.append(trial)
-                self.save()  # suggested before started: a crash now does not lose or repeat the suggestion
-            self.run_trial(trial, limit)
-            self._check_initial_failures()
+        except BaseException:  # Ctrl-C, SIGTERM, the first trials all failing: stop what runs, resumable
+            self._stop_all(running)
+            raise
 
-    def _print_header(self, limit: int | None) -> None:
+    def _next_trial(self, limit: int | None, running: dict[int, _Launch]) -> Trial | None:
+        """An interrupted trial first (pre-empted, or left running by a killed sweep process), else a new
+        suggestion; None when the limit is reached or the grid is exhausted."""
+        active = {launch.trial.index for launch in running.values()}
+        for trial in self.trials:
+            if trial.state in ("pending", "preempted", "running") and trial.index not in active:
+                if trial.state == "running" and _pid_alive(trial.pid):
+                    self._wait_for_orphan(trial)
+                return trial
+        if limit is not None and len(self.trials) >= limit:
+            return None
+        suggestion = self.suggest(len(self.trials))
+        if suggestion is None:
+            print(f"sweep {self.name}: the grid is exhausted after {len(self.trials)} trials", flush=True)
+            return None
+        trial = Trial(index=len(self.trials), params=suggestion[0], search_info=suggestion[1])
+        self.trials.append(trial)
+        self.save()  # suggested before started: a crash now does not lose or repeat the suggestion
+        return trial
+
+    def _print_header(self, limit: int | None, parallel: int = 1) -> None:
         done = sum(t.state in ("finished", "stopped", "failed") for t in self.trials)
         metric = f"{self.metric} ({self.goal})" if self.metric else "no metric"
         total = f"{limit} trials" if limit else "until the grid is exhausted"
         resumed = f", resuming after {done} done" if self.trials else ""
+        at_once = f", {parallel} at a time" if parallel > 1 else ""
         print(
-            f"sweep {self.name}: {self.definition.get('method')} search on {metric}, {total}{resumed}; "
+            f"sweep {self.name}: {self.definition.get('method')} search on {metric}, {total}{at_once}{resumed}; "
             f"state in {self.state_path}",
             flush=True,
         )
@@ -493,29 +697,38 @@ class LocalSweep:
             command += [f"--run.group={self.name}", f"--run.job_type={TRIAL_JOB_TYPE}"]
         return command
 
-    def run_trial(self, trial: Trial, limit: int | None) -> None:
+    def _launch(
+        self,
+        trial: Trial,
+        slot: int,
+        extra_env: dict[str, str],
+        limit: int | None,
+        running: dict[int, _Launch],
+    ) -> None:
+        """Start the trial's process in this slot (its GPU or CPU share); recorded in `running` at once."""
         trial_dir = self.directory / trial.name
-        if trial.state == "running" and _pid_alive(trial.pid):
-            self._wait_for_orphan(trial)
         resume_args = self._prepare_trial_dir(trial)
         command = self.command_for(trial) + resume_args
         trial_dir.mkdir(parents=True, exist_ok=True)
         write_json(trial_dir / "args.json", trial.params)
-        env = dict(os.environ)
+        env = dict(os.environ) | extra_env
         env[RUN_DIR_ENV] = str(trial_dir.resolve())
         position = f"[{trial.index + 1}/{limit}]" if limit else f"[{trial.index + 1}]"
         values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in trial.params.items())
         again = (
             " (resuming from its last checkpoint)" if resume_args else " (again)" if trial.attempts else ""
         )
-        print(f"{position} {trial.name}{again}: {values}", flush=True)
+        device = extra_env.get("CUDA_VISIBLE_DEVICES")
+        where = f" on GPU {device}" if device else ""
+        print(f"{position} {trial.name}{again}{where}: {values}", flush=True)
         log_path = trial_dir / "output.log"
         trial.attempts += 1
         trial.started = trial.started or _now()
-        start = time.monotonic()
-        with open(log_path, "ab") as log:
-            log.write(f"\n$ {' '.join(command)}\n".encode())
-            log.flush()
+        trial.devices = device
+        log = open(log_path, "ab")  # noqa: SIM115 -- open while the trial runs; closed by _end/_stop_all
+        log.write(f"\n$ {' '.join(command)}\n".encode())
+        log.flush()
+        try:
             process = subprocess.Popen(
                 command,
                 stdout=log,
@@ -524,20 +737,60 @@ class LocalSweep:
                 start_new_session=True,  # the trial's process group: its workers and DDP ranks end with it
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
-            trial.state, trial.pid = "running", process.pid
+        except OSError as err:  # no such program, not executable: the trial fails, as a crash would
+            log.write(f"cannot start {command[0]}: {err}\n".encode())
+            log.close()
+            trial.state, trial.error, trial.ended = "failed", f"cannot start {command[0]}: {err}", _now()
+            print(f"    {trial.name}: failed: {trial.error}", flush=True)
             self.save()
-            try:
-                exit_code, stopped = self._wait(trial, process)
-            except SweepInterrupted:
-                self._stop(process, signal.SIGINT)
-                trial.state, trial.pid = "preempted", None
-                trial.seconds += time.monotonic() - start
-                self.save()
-                raise
-        _kill_group(process)  # workers or DDP ranks the trial left behind go with it
-        trial.seconds += time.monotonic() - start
+            return
+        running[slot] = _Launch(trial, process, log, log_path, time.monotonic())
+        trial.state, trial.pid = "running", process.pid
+        self.save()
+
+    def _poll(self, running: dict[int, _Launch]) -> None:
+        """Wait up to POLL_SECONDS for a trial to end; end the ones that did, stop the ones hyperband drops."""
+        first = next(iter(running.values()))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            first.process.wait(timeout=POLL_SECONDS)
+        for slot, launch in list(running.items()):
+            exit_code = launch.process.poll()
+            if exit_code is None:
+                if launch.stop_sent is None and self.should_stop_early(launch.trial):
+                    print(f"    {launch.trial.name}: stopped early by hyperband", flush=True)
+                    launch.process.send_signal(signal.SIGTERM)  # as wandb agent: Lightning stops at a batch
+                    launch.stop_sent = time.monotonic()
+                elif launch.stop_sent is not None and time.monotonic() - launch.stop_sent > KILL_DELAY:
+                    _kill_group(launch.process)
+                continue
+            del running[slot]
+            self._end(launch, exit_code)
+            self._check_initial_failures()
+
+    def _end(self, launch: _Launch, exit_code: int) -> None:
+        trial = launch.trial
+        _kill_group(launch.process)  # workers or DDP ranks the trial left behind go with it
+        launch.log.close()
+        trial.seconds += time.monotonic() - launch.start
         trial.exit_code, trial.pid, trial.ended = exit_code, None, _now()
-        self._finish(trial, exit_code, stopped, log_path)
+        self._finish(trial, exit_code, launch.stop_sent is not None, launch.log_path)
+        self.save()
+
+    def _stop_all(self, running: dict[int, _Launch]) -> None:
+        """Stop the running trials the way a terminal would (Ctrl-C reaches Lightning, which saves and exits),
+        within KILL_DELAY in all, and record them as pre-empted: the next run of the sweep resumes them."""
+        for launch in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                launch.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + KILL_DELAY
+        for launch in running.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                launch.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            _kill_group(launch.process)
+            launch.log.close()
+            launch.trial.state, launch.trial.pid = "preempted", None
+            launch.trial.seconds += time.monotonic() - launch.start
+        running.clear()
         self.save()
 
     def _wait_for_orphan(self, trial: Trial) -> None:
@@ -553,28 +806,6 @@ class LocalSweep:
             raise ForgelabError(
                 f"{trial.name} of sweep {self.name} is still running as pid {trial.pid}; stop it, then run again"
             )
-
-    def _wait(self, trial: Trial, process: subprocess.Popen) -> tuple[int, bool]:
-        stop_sent: float | None = None
-        while True:
-            try:
-                return process.wait(timeout=POLL_SECONDS), stop_sent is not None
-            except subprocess.TimeoutExpired:
-                pass
-            if stop_sent is None and self.should_stop_early(trial):
-                print(f"    {trial.name}: stopped early by hyperband", flush=True)
-                process.send_signal(signal.SIGTERM)  # as wandb agent: Lightning stops at the next batch
-                stop_sent = time.monotonic()
-            elif stop_sent is not None and time.monotonic() - stop_sent > KILL_DELAY:
-                _kill_group(process)
-
-    def _stop(self, process: subprocess.Popen, sig: int) -> None:
-        """Stop a trial the way a terminal would (Ctrl-C reaches Lightning, which saves and exits)."""
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=KILL_DELAY)
-        _kill_group(process)
 
     def _finish(self, trial: Trial, exit_code: int, stopped: bool, log_path: Path) -> None:
         history = read_metrics_csv(self.directory / trial.name / "metrics.csv")
@@ -604,6 +835,27 @@ class LocalSweep:
         note = " (best so far)" if best is trial else ""
         metric = f": {self.metric} {trial.metric:.4g}{note}" if self.metric else ""
         print(f"    {trial.name}: {trial.state} in {seconds}{metric}", flush=True)
+
+    def report_failures(self) -> None:
+        """The sweep's outcome in its exit code: trials all failed is an error (there is no result); some failed
+        is a result with a warning, the last line of the output naming the failed trials."""
+        ended = [t for t in self.trials if t.state in ("finished", "stopped", "failed")]
+        failed = [t for t in ended if t.state == "failed"]
+        if not failed:
+            return
+        if len(failed) == len(ended):
+            last = failed[-1]
+            which = f"all {len(ended)} trials" if len(ended) > 1 else "the only trial"
+            raise ForgelabError(
+                f"{which} of sweep {self.name} failed (last: {last.error or 'see its log'}); "
+                f"see {self.directory / last.name / 'output.log'}"
+            )
+        names = ", ".join(t.name for t in failed)
+        print(
+            f"sweep {self.name}: {len(failed)} of {len(ended)} trials failed ({names}); "
+            f"their logs: {self.directory}/<trial>/output.log",
+            flush=True,
+        )
 
     def best_trial(self) -> Trial | None:
         scored = [t for t in self.trials if t.metric is not None and t.state in ("finished", "stopped")]
@@ -658,7 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
         "resume an interrupted sweep.",
     )
     parser.add_argument(
-        "sweep_file", help="a sweep file in W&B's schema, e.g. configs/sweeps/classifier_tiny.yaml"
+        "sweep_file",
+        nargs="?",
+        help="a sweep file in W&B's schema, e.g. configs/sweeps/classifier_tiny.yaml",
     )
     parser.add_argument(
         "--count",
@@ -680,15 +934,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of a new sweep's random and bayes suggestions (a resumed sweep keeps its own)",
     )
     parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N trials at once: one per GPU when GPUs are visible (CUDA_VISIBLE_DEVICES per trial), else one "
+        "per CPU core (OMP_NUM_THREADS = cores / N); the search picks each next trial as a slot frees. Default 1",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the file and print the first trial's command; run nothing",
+        help="validate the file, print the trials' commands and parse each with the CLI as its trial would "
+        "(every grid point; every listed value of a random/bayes search); run nothing",
+    )
+    parser.add_argument(
+        "--best",
+        default=None,
+        metavar="SWEEP",
+        help="write best_config.yaml (the best trial's complete config) and print the command that re-runs it, "
+        "for a sweep directory (runs/sweeps/<name>; a sweep does it when it ends) or a sweep of W&B's server "
+        "(<entity>/<project>/<sweep id>, online: the best run by the sweep's metric)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="with --best: where to write (default: <sweep dir>/best_config.yaml, for a W&B sweep "
+        "<root>/sweeps/<sweep id>/best_config.yaml)",
     )
     return parser
 
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
+    if args.best:
+        if args.sweep_file:
+            raise ConfigError("give a sweep file to run, or --best <sweep> (not both)")
+        write_best(args.best, Path(args.root), Path(args.out) if args.out else None)
+        return
+    if not args.sweep_file:
+        raise ConfigError("give a sweep file, e.g. forgelab sweep configs/sweeps/classifier_tiny.yaml")
     if args.count is not None and args.count < 1:
         raise ConfigError(f"--count must be at least 1, got {args.count}")
     definition = load_sweep_file(args.sweep_file)
@@ -697,9 +981,9 @@ def main(argv: list[str]) -> None:
     )
     directory = Path(args.root) / "sweeps" / name
     sweep = LocalSweep(definition, directory, args.sweep_file, seed=args.seed)
+    slots = trial_slots(args.parallel)
     if args.dry_run:
-        params, _ = sweep.suggest(0) or ({}, {})
-        print(" ".join(sweep.command_for(Trial(index=0, params=params))))
+        dry_run(sweep, args.count)
         return
     command = trial_command(definition, {})
     missing = missing_config_files(command)
@@ -715,7 +999,7 @@ def main(argv: list[str]) -> None:
             write_text(directory / "sweep.yaml", Path(args.sweep_file).read_text())
         try:
             with _interrupts_as_exception():
-                sweep.run(args.count)
+                sweep.run(args.count, slots)
         except SweepInterrupted as signal_name:
             done = sum(t.state in ("finished", "stopped", "failed") for t in sweep.trials)
             print(
@@ -723,13 +1007,153 @@ def main(argv: list[str]) -> None:
                 f"run the same command to resume: forgelab sweep {args.sweep_file}"
                 + (f" --name {args.name}" if args.name else "")
                 + (f" --root {args.root}" if args.root != "runs" else "")
-                + (f" --count {args.count}" if args.count else ""),
+                + (f" --count {args.count}" if args.count else "")
+                + (f" --parallel {args.parallel}" if args.parallel > 1 else ""),
                 file=sys.stderr,
             )
             raise SystemExit(130) from None
         finally:
             if any(t.state in ("finished", "stopped") for t in sweep.trials):
                 _write_comparison(sweep)
+        sweep.report_failures()
+
+
+# -- the best trial as a config of its own -----------------------------------------------------------------------
+BEST_CONFIG = "best_config.yaml"
+
+
+def best_config_text(config: dict[str, Any], source: str, subcommand: str = "fit") -> str:
+    """A trial's resolved config as a new run of the same thing: its own run name, no checkpoint to resume
+    from, job type `train` (the group, the sweep's name, stays: the re-run sits next to its sweep)."""
+    config = copy.deepcopy(config)
+    if isinstance(config.get("run"), dict):
+        config["run"] = config["run"] | {"name": None, "job_type": "train"}
+    if "ckpt_path" in config:
+        config["ckpt_path"] = None
+    header = f"# {source}\n# re-run it: forgelab {subcommand} --config <this file>\n"
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def write_local_best(sweep: LocalSweep, out: Path | None = None) -> Path | None:
+    """<sweep>/best_config.yaml from the best trial's config.yaml, and the command that re-runs it (for a
+    command that is not `forgelab fit ...`, the trial's command itself)."""
+    best = sweep.best_trial()
+    if best is None:
+        return None
+    arguments = forgelab_arguments(sweep.command_for(best)) or []
+    config_path = sweep.directory / best.name / "config.yaml"
+    if not (arguments[:1] and arguments[0] in TRAINER_SUBCOMMANDS and config_path.is_file()):
+        print(f"re-run it: {' '.join(trial_command(sweep.definition, best.params))}", flush=True)
+        return None
+    out = out or sweep.directory / BEST_CONFIG
+    metric = f", {sweep.metric} {best.metric:.4g}" if sweep.metric and best.metric is not None else ""
+    source = (
+        f"the resolved config of {best.name}, the best trial of sweep {sweep.name}{metric} ({config_path})"
+    )
+    write_text(out, best_config_text(yaml.safe_load(config_path.read_text()), source, arguments[0]))
+    print(f"re-run it: forgelab {arguments[0]} --config {out}", flush=True)
+    return out
+
+
+def find_run_dir(root: Path, wandb_id: str) -> Path | None:
+    """The run directory below `root` whose run.json records this W&B run id."""
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in ("wandb", "checkpoints", "plots", "compare"))
+        if "run.json" in files:
+            subdirs.clear()
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                if json.loads((Path(directory) / "run.json").read_text()).get("wandb_id") == wandb_id:
+                    return Path(directory)
+    return None
+
+
+def _unwrapped(value: Any) -> Any:
+    """A W&B config value, `{"value": v, "desc": ...}` or plain."""
+    return value["value"] if isinstance(value, dict) and "value" in value else value
+
+
+def best_from_wandb(path: str, root: Path, out: Path | None = None) -> Path:
+    """best_config.yaml for a sweep of W&B's server, from `wandb.Api().sweep(path).best_run()` (ranked by the
+    sweep's metric on the server): the best run's own config.yaml when its run directory is below `root` (the
+    agent ran it here), else the sweep's command with the run's swept values, resolved by the CLI's parser."""
+    import wandb
+
+    try:
+        remote = wandb.Api().sweep(path)
+        definition = dict(remote.config)
+        best = remote.best_run()
+    except Exception as err:  # wandb's CommError/ValueError: offline, not logged in, or no such sweep
+        raise ForgelabError(
+            f"cannot read W&B sweep {path}: {err} (online and `wandb login` needed)"
+        ) from None
+    if best is None:
+        raise ForgelabError(f"W&B sweep {path} has no runs yet")
+    sweep_id = path.rstrip("/").rsplit("/", 1)[-1]
+    out = out or root / "sweeps" / sweep_id / BEST_CONFIG
+    params = {k: _unwrapped(best.config[k]) for k in definition.get("parameters") or {} if k in best.config}
+    command = trial_command(definition, params)
+    arguments = forgelab_arguments(command) or []
+    if not (arguments[:1] and arguments[0] in TRAINER_SUBCOMMANDS):
+        raise ForgelabError(
+            f"sweep {path} does not run `forgelab fit`; its best run's command: {' '.join(command)}"
+        )
+    local = find_run_dir(root, best.id)
+    if local is not None and (local / "config.yaml").is_file():
+        config = yaml.safe_load((local / "config.yaml").read_text())
+        source = f"the resolved config of W&B run {best.id} ({best.name}), best of sweep {path}, from {local}"
+    else:
+        problem, printed = run_forgelab([*arguments, "--print_config"])
+        if problem:
+            raise ConfigError(f"the best run's command ({best.name}) does not parse here: {problem}")
+        config = yaml.safe_load(printed)
+        source = (
+            f"W&B run {best.id} ({best.name}), best of sweep {path}: resolved from the sweep's command and the "
+            f"run's swept values with this checkout's configs (its run directory is not below {root})"
+        )
+    write_text(out, best_config_text(config, source, arguments[0]))
+    metric = (definition.get("metric") or {}).get("name")
+    value = dict(best.summary or {}).get(metric) if metric else None
+    scored = f" {metric} {value:.4g}" if isinstance(value, (int, float)) else ""
+    values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in params.items())
+    print(f"best: {best.name} ({best.id}){scored} with {values}", flush=True)
+    print(f"re-run it: forgelab {arguments[0]} --config {out}", flush=True)
+    return out
+
+
+def write_best(target: str, root: Path, out: Path | None) -> None:
+    """`forgelab sweep --best <sweep dir | entity/project/sweep id>`."""
+    directory = Path(target)
+    if not (directory / SWEEP_STATE).is_file():
+        if directory.exists():
+            raise ConfigError(f"{directory} is not a sweep directory (no {SWEEP_STATE})")
+        best_from_wandb(target, root, out)
+        return
+    state = json.loads((directory / SWEEP_STATE).read_text())
+    sweep = LocalSweep(state["definition"], directory, state.get("sweep_file", ""))
+    sweep.load()
+    best = sweep.best_trial()
+    if best is None:
+        raise ForgelabError(f"sweep {sweep.name} has no finished trial with {sweep.metric or 'a metric'} yet")
+    values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in best.params.items())
+    print(f"best: {best.name} {sweep.metric} {best.metric:.4g} with {values}", flush=True)
+    write_local_best(sweep, out)
+
+
+def dry_run(sweep: LocalSweep, count: int | None) -> None:
+    """Print the trials' commands and check each as its trial would start (see `check_trial_command`)."""
+    trials = sweep.dry_run_trials(sweep.trial_limit(count))
+    parsed = False
+    for trial in trials:
+        command = sweep.command_for(trial)
+        print(" ".join(command), flush=True)  # as it would run: one command a line, ready to paste
+        problem = check_trial_command(command)
+        if problem:
+            values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in trial.params.items())
+            raise ConfigError(f"{trial.name} ({values}) would fail: {problem}")
+        arguments = forgelab_arguments(command)
+        parsed = parsed or bool(arguments and arguments[0] in TRAINER_SUBCOMMANDS)
+    how = f"parse with `forgelab {forgelab_arguments(command)[0]}`" if parsed else "name programs that exist"
+    print(f"dry run: {len(trials)} trial command{'s' if len(trials) != 1 else ''} {how}; nothing was run")
 
 
 def _write_comparison(sweep: LocalSweep) -> None:
@@ -742,3 +1166,4 @@ def _write_comparison(sweep: LocalSweep) -> None:
         values = " ".join(f"{display_key(k)}={_format_value(v)}" for k, v in best.params.items())
         print(f"\nbest: {best.name} {sweep.metric} {best.metric:.4g} with {values}")
     print(f"comparison: {out / 'compare.md'} (plots in {out / 'plots'})")
+    write_local_best(sweep)

@@ -17,8 +17,8 @@ One training step (the LightningModule only orchestrates; the maths is in losses
 Validation runs the cycle without gradients, re-captions x_hat with the frozen captioner (c_hat), and logs the
 caption fidelity, the cycle's reconstruction error and a grid of x / x_hat / x' / A_e(x_hat) with c and c_hat.
 ``val/loss`` is Eq. 1 with the INITIAL lambdas, so epochs are comparable while GradNorm moves the weights;
-``val/loss_paper`` is Eq. 1 with the paper's starting lambdas (PAPER_LAMBDAS), one scale for every run, so
-sweeps over the starting lambdas compare trials on it.
+``val/loss_paper`` is Eq. 1 with the paper's starting lambdas (PAPER_LAMBDAS), one scale for every run: the best
+checkpoint is chosen on it, and sweeps over the starting lambdas compare trials on it.
 At the end of fit the generator (LoRA weights + how to rebuild it) is exported to ``<run>/generator/`` for
 `forgelab augment`, and the lambdas over time are written to ``lambdas.csv`` and plotted.
 """
@@ -97,7 +97,9 @@ class FineGrainedGuidance(L.LightningModule):
         revision: hub revision of model_id (the CLIP and captioner ids follow their repos' main or registry pin).
     """
 
-    monitor = "val/loss"
+    # checkpoints keep the best epoch on the one scale every run shares (configs/sweeps/fg_guidance.yaml ranks
+    # trials with different starting lambdas on it too); with the paper's lambdas it equals val/loss
+    monitor = "val/loss_paper"
     monitor_mode = "min"
 
     def __init__(
