@@ -293,3 +293,20 @@ def test_last_prefers_a_newer_hpc_checkpoint_and_other_ranks_join_rank_0s_run(tm
     assert location.ckpt_path == "hpc" and location.run_dir == run and location.resumed
     monkeypatch.setenv("SLURM_PROCID", "1")
     assert locate_trainer_run(settings, None, None, "fit").run_dir == run  # no refusal on rank 1
+
+
+@pytest.mark.parametrize(
+    ("message", "line"),
+    [
+        ("Parser key \"config\": File does not exist: 'x.yaml'", "config: File does not exist: 'x.yaml'"),
+        ("unrecognized arguments: fit --nonsense=1", "unrecognized arguments: fit --nonsense=1"),
+        (
+            'Parser key "run.wandb":\n  Expected a <class \'bool\'>. Got value: maybe',
+            "run.wandb = maybe: expected bool",
+        ),
+    ],
+)
+def test_parse_errors_in_other_shapes_stay_one_line(message, line):
+    from common.experiment.parse_errors import one_line
+
+    assert one_line(message) == line

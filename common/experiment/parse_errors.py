@@ -86,4 +86,5 @@ def one_line(message: str) -> str:
             key, value = f"{key}.{nested.group(1)}", nested.group(2)
         allowed = " or ".join(readable_type(t) for t in _split_subtypes(subtypes.group(1)))
         return f"{key} = {value}: expected {allowed}"
-    return f"{key}: " + " ".join(lines[1:3])
+    rest = " ".join(lines)[len(f'Parser key "{key}":') :].strip() if lines[0].startswith("Parser key") else ""
+    return f"{key}: {rest}" if rest else " ".join(lines)

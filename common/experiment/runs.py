@@ -201,7 +201,8 @@ def locate_trainer_run(
     scheduler-derived default name); without `ckpt_path` a `WANDB_RUN_ID` (set by `wandb agent` when it
     re-runs a pre-empted run) resumes the run that recorded it from its `last.ckpt`. validate/test/predict
     always write a new run (`<source run>-<command>-<time>`) recording the checkpoint it evaluates, so nothing
-    the training run wrote is replaced.
+    the training run wrote is replaced. (Lightning's own `version_N` directories cannot be found by run name or
+    W&B id, which is what resuming needs; "last"/"hpc" themselves are resolved by Lightning.)
     """
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:  # a DDP parent (or a sweep) chose the directory
@@ -495,7 +496,11 @@ class DataHealthCallback(Callback):
 
 def run_outcome(err: BaseException) -> str:
     """How an exception ended a run, for run.json: `interrupted` for Ctrl-C, `completed` for a clean
-    `SystemExit` (status 0), else `failed: <type>: <first line of the message>`."""
+    `SystemExit` (status 0), else `failed: <type>: <first line of the message>`.
+
+    W&B records the same through the exit code given to `wandb.finish` (its run state) and Lightning through
+    `trainer.state.status`; run.json keeps it too because `forgelab compare` reads runs offline, without W&B,
+    and the error's first line is what a reader of a run directory needs."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
     if isinstance(err, SystemExit) and not err.code:
