@@ -6,7 +6,6 @@ by a script that records its arguments.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
