@@ -301,7 +301,7 @@ def test_last_prefers_a_newer_hpc_checkpoint_and_other_ranks_join_rank_0s_run(tm
         ("Parser key \"config\": File does not exist: 'x.yaml'", "config: File does not exist: 'x.yaml'"),
         ("unrecognized arguments: fit --nonsense=1", "unrecognized arguments: fit --nonsense=1"),
         (
-            'Parser key "run.wandb":\n  Expected a <class \'bool\'>. Got value: maybe',
+            "Parser key \"run.wandb\":\n  Expected a <class 'bool'>. Got value: maybe",
             "run.wandb = maybe: expected bool",
         ),
     ],
