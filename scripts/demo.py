@@ -180,8 +180,11 @@ STAGES: list[Stage] = [
 def run_stage(stage: Stage) -> float:
     print(f"\n=== {stage.name}: {stage.title} ===", flush=True)
     run_dir = RUNS / stage.project / stage.run_name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the demo's runs are re-made each time; real runs never overwrite
+    # the demo's runs (and the runs a stage starts under its name, e.g. Table 1's fits) are re-made each time;
+    # real runs are never overwritten (forgelab refuses an existing run name without --ckpt_path last)
+    for old in [run_dir, *run_dir.parent.glob(f"{stage.run_name}-*")]:
+        if old.is_dir():
+            shutil.rmtree(old)
     root_option, name_option = stage.place
     command = [forgelab(), *stage.command, f"{root_option}={RUNS}", f"{name_option}={stage.run_name}"]
     print("$ " + " ".join(command[:1] + [c if " " not in c else repr(c) for c in command[1:]]), flush=True)
