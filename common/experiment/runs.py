@@ -141,9 +141,10 @@ class RunLocation:
     source: str | None = None
 
 
-def _launch_rank() -> int:
-    """This process's global rank as the launcher (srun, torchrun) set it; 0 when launched alone."""
-    for var in ("RANK", "SLURM_PROCID"):
+def launch_rank() -> int:
+    """This process's global rank as its launcher (torchrun, srun, a DDP parent) set it; 0 when launched alone.
+    Read before Lightning's trainer exists, which is when run directories are chosen."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         value = os.environ.get(var, "")
         if value.isdigit():
             return int(value)
@@ -182,7 +183,7 @@ def _new_run_dir(base: Path, name: str | None, model_class_path: str | None) -> 
         return base / default_run_name(model_class_path)
     run_dir = base / _slug(name)
     # under srun/torchrun every rank resolves the directory itself: the others join the one rank 0 created
-    if (run_dir / "run.json").is_file() and _launch_rank() == 0:
+    if (run_dir / "run.json").is_file() and launch_rank() == 0:
         outcome = read_run_record(run_dir).get("outcome", "unknown")
         raise ConfigError(
             f"run.name={name}: {run_dir} exists (outcome: {outcome}); resume it with --ckpt_path last, "

@@ -27,6 +27,7 @@ from common.experiment.runs import (
     RunSettings,
     build_loggers,
     discard_failed_start,
+    launch_rank,
     locate_trainer_run,
     record_outcome,
     run_dir_from_checkpoint,
@@ -71,7 +72,7 @@ class ForgelabCLI(LightningCLI):
             # W&B's run state comes from the exit code: 255 is what wandb's own hook gives a Ctrl-C
             finish_wandb_run(0 if outcome == "completed" else 255 if ctrl_c else 1)
             failed_start = outcome != "completed" and self._new_run and self.run_dir is not None
-            if failed_start and _global_rank() == 0 and discard_failed_start(self.run_dir):
+            if failed_start and launch_rank() == 0 and discard_failed_start(self.run_dir):
                 log.info("removed %s: the run failed before writing anything", self.run_dir)
             raise
         if run:
@@ -83,7 +84,7 @@ class ForgelabCLI(LightningCLI):
         return bool(getattr(getattr(self, "trainer", None), "interrupted", False))
 
     def _record_outcome(self, outcome: str) -> None:
-        if self.run_dir is not None and _global_rank() == 0 and hasattr(self, "run_record"):
+        if self.run_dir is not None and launch_rank() == 0 and hasattr(self, "run_record"):
             record_outcome(self.run_dir, self.run_record, outcome)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -113,7 +114,7 @@ class ForgelabCLI(LightningCLI):
             source_run = run_dir_from_checkpoint(where.source)
             if source_run is not None:
                 self.run_record["source_run"] = str(source_run)
-        if _global_rank() == 0:
+        if launch_rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "run.json", self.run_record)
         log.info("run directory: %s (%s)", run_dir, "resumed" if resumed else "new")
@@ -203,13 +204,3 @@ def _as_dict(namespace: Any) -> dict[str, Any]:
     if hasattr(namespace, "as_dict"):
         return namespace.as_dict()
     return dict(namespace)
-
-
-def _global_rank() -> int:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
