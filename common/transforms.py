@@ -20,7 +20,8 @@ ResizeMode = Literal["resize", "center_crop", "random_crop"]
 @dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation of the real-vs-generated classifier (paper 003, Sec. 4): random rotation, Gaussian
-    noise, brightness/contrast and colour jitter. Each is applied with probability `p`; 0 disables one."""
+    noise, brightness/contrast and colour jitter (`paper_augmentations`). Each is applied with probability `p`;
+    0 disables one. `horizontal_flip` is not in the paper's list (off in the paper's configs)."""
 
     p: float = 0.5
     rotation_degrees: float = 15.0
@@ -63,20 +64,34 @@ def build_eval_transform(
     )
 
 
+def paper_augmentations(augment: AugmentConfig) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """Paper 003 Sec. 4's list, in its order: random rotation, Gaussian noise, brightness and contrast
+    adjustments, colour jitter (saturation and hue), as (name, transform of a [0, 1] tensor). A technique whose
+    parameters are all 0 is left out. The paper gives no parameter values: they are the config's."""
+    ops: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
+    if augment.rotation_degrees > 0:
+        ops.append(("rotation", v2.RandomRotation(augment.rotation_degrees)))
+    if augment.noise_sigma > 0:
+        ops.append(("gaussian_noise", v2.GaussianNoise(sigma=augment.noise_sigma, clip=True)))
+    if augment.brightness or augment.contrast:
+        ops.append(
+            ("brightness_contrast", v2.ColorJitter(brightness=augment.brightness, contrast=augment.contrast))
+        )
+    if augment.saturation or augment.hue:
+        ops.append(("color_jitter", v2.ColorJitter(saturation=augment.saturation, hue=augment.hue)))
+    return ops
+
+
 def build_train_transform(
     image_size: int, mode: ResizeMode = "resize", augment: AugmentConfig | None = None
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """Geometry, then the paper's augmentations on the [0, 1] tensor."""
+    """Geometry, then the paper's augmentations on the [0, 1] tensor, each with probability `augment.p`
+    (online; `horizontal_flip` adds a flip the paper does not list)."""
     augment = augment or AugmentConfig(p=0.0)
     ops: list[Callable] = [v2.ToImage(), *_geometry(image_size, mode, train=True)]
     if augment.horizontal_flip and augment.p > 0:
         ops.append(v2.RandomHorizontalFlip())
     ops.append(v2.ToDtype(torch.float32, scale=True))
-    if augment.rotation_degrees > 0:
-        ops.append(v2.RandomApply([v2.RandomRotation(augment.rotation_degrees)], p=augment.p))
-    if augment.brightness or augment.contrast or augment.saturation or augment.hue:
-        jitter = v2.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue)
-        ops.append(v2.RandomApply([jitter], p=augment.p))
-    if augment.noise_sigma > 0:
-        ops.append(v2.RandomApply([v2.GaussianNoise(sigma=augment.noise_sigma, clip=True)], p=augment.p))
+    if augment.p > 0:
+        ops += [v2.RandomApply([op], p=augment.p) for _name, op in paper_augmentations(augment)]
     return v2.Compose(ops)

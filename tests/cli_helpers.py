@@ -121,6 +121,10 @@ def _inpainting_overrides(toy: Path) -> list[str]:
 # datamodule class_path -> CLI overrides pointing it at the small toy world with cheap settings
 DATA_OVERRIDES: dict[str, Callable[[Path], list[str]]] = {
     "common.data.RealFakeFolder": _realfake_overrides,
+    "projects.inpaint_probe.offline_augment.OfflineAugmentedRealFake": lambda toy: [
+        *_realfake_overrides(toy),
+        f"--data.init_args.offline_augment.cache_dir={toy.parent / 'offline_augment'}",
+    ],
     "projects.item_detector.data.ItemFeatures": _item_overrides,
     "common.data.CaptionedParts": _captioned_overrides,
     "common.data.captioned.CaptionedParts": _captioned_overrides,

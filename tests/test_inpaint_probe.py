@@ -69,11 +69,37 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_needs_two_samples():
     assert math.isnan(frechet_distance(features[:1], features))
 
 
+def test_frechet_distance_is_nan_below_the_minimum_count():
+    features = torch.randn(5, 8, dtype=torch.float64)
+    assert math.isfinite(frechet_distance(features, features * 2))
+    assert math.isnan(frechet_distance(features, features * 2, min_samples=6))
+    assert math.isfinite(frechet_distance(features, features * 2, min_samples=5))
+
+
+def test_bucket_cells_name_the_distance_and_are_nan_below_the_floor():
+    from projects.inpaint_probe.probe import Scores, bucket_table_rows
+
+    rows = [
+        {"inpainter": "p", "set": "s", "real": True, "bucket": "0-10%", "niqe": 1.0, "niqe_original": 1.0}
+        | {"hole_l1": 0.1, "psnr": 20.0}
+        for _ in range(4)
+    ]
+    features = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    original, result = Scores(features, [1.0] * 4), Scores(features + 1, [1.0] * 4)
+    edges = [0.0, 0.1, 1.0]
+    (cell, _all) = bucket_table_rows(rows, original, result, edges, "fd_randconv", min_images=5)
+    assert "fid" not in cell and math.isnan(cell["fd_randconv"])
+    (cell, _all) = bucket_table_rows(rows, original, result, edges, "fd_randconv", min_images=4)
+    assert cell["fd_randconv"] == pytest.approx(frechet_distance(features, features + 1))
+
+
 def test_fid_without_inception_weights_falls_back_to_a_named_substitute(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     extractor, info = build_feature_extractor("auto")
     assert isinstance(extractor, RandomConvFeatures)
     assert info.name == "random_conv_features_seed0" and not info.comparable
+    assert (info.metric, info.label, info.dim) == ("fd_randconv", "FD_randconv", 992)
+    assert info.min_images(None) == 993 and info.min_images(10) == 10
     with pytest.raises(
         FIDWeightsMissing, match=r"weights-inception-2015-12-05.*--probe.fid.features=substitute"
     ):
@@ -156,14 +182,20 @@ def test_probe_writes_table2_per_image_rows_quadruples_and_counts_bad_files(
     assert code == 0, err
     run = tmp_path / "inpaint_probe" / "probe"
     table = (run / "table2.md").read_text()
-    assert "FID ↓" in table and "NIQE ↓" in table and "All images" in table and "| real: real FID ↓" in table
-    assert NOT_COMPARABLE in table and table.strip() in out
+    # the substitute's distance is never called FID, anywhere
+    assert "FID ↓" not in table and "| real: real FD_randconv ↓" in table and "NIQE ↓" in table
+    assert "All images" in table and NOT_COMPARABLE in table and table.strip() in out
     rows = list(csv.DictReader((run / "table2.csv").open()))
+    assert "fid" not in rows[0] and "fd_randconv" in rows[0]
     overall = [r for r in rows if r["bucket"] == "all"]
     assert {(r["inpainter"], r["set"]) for r in overall} == {
         (i, s) for i in ("partial_conv", "gated_conv") for s in ("real", "gan")
     }
-    assert all(r["n"] == "3" and float(r["fid"]) >= 0 and float(r["niqe"]) > 0 for r in overall)
+    # 3 images in 992 dimensions: below the default floor (d + 1), so n/a, not a number
+    assert all(
+        r["n"] == "3" and math.isnan(float(r["fd_randconv"])) and float(r["niqe"]) > 0 for r in overall
+    )
+    assert "| All images | 3 | n/a |" in table and "fewer than 993 images" in table
     per_image = list(csv.DictReader((run / "per_image.csv").open()))
     assert len(per_image) == 2 * 2 * 3
     for index in ("1", "2", "3"):  # image i of every set got mask i
@@ -176,7 +208,12 @@ def test_probe_writes_table2_per_image_rows_quadruples_and_counts_bad_files(
     health = json.loads((run / "data_health.json").read_text())["counts"]
     assert health["decoding"] == {"truncated": 1, "smaller_than_image_size": 1}
     report = json.loads((run / "report.json").read_text())
-    assert report["fid_features"]["comparable"] is False and report["n_images_per_set"] == 3
+    assert report["frechet_distance"]["comparable"] is False and report["n_images_per_set"] == 3
+    assert (
+        report["frechet_distance"]["metric"] == "fd_randconv"
+        and report["frechet_distance"]["min_images"] == 993
+    )
+    assert "fid" not in json.dumps(report["frechet_distance"]).replace("fidelity", "")
     assert set(report["inpainting_images_per_second"]) == {"partial_conv", "gated_conv"}
 
 
@@ -190,7 +227,12 @@ def test_probe_masks_from_files_handle_wrong_size_and_count_unusable_ones(
     small = np.zeros((96, 96), np.uint8)
     small[20:50, 30:70] = 255
     Image.fromarray(small).save(masks / "2_small.png")
-    args = [f"--probe.mask_dir={masks}", "--probe.save_results=false", "--probe.image_size=64"]
+    args = [
+        f"--probe.mask_dir={masks}",
+        "--probe.save_results=false",
+        "--probe.image_size=64",
+        "--probe.fid.min_images=2",  # a deliberately lowered floor gives numbers again
+    ]
     code, _, err = run_cli(
         _probe_args(probe_sets, tiny_inpainter_checkpoints, tmp_path / "runs", *args, kinds=("partial_conv",))
     )
@@ -202,6 +244,8 @@ def test_probe_masks_from_files_handle_wrong_size_and_count_unusable_ones(
     ratios = {float(row["hole_ratio"]) for row in csv.DictReader((run / "per_image.csv").open())}
     (ratio,) = ratios  # the one usable mask, resized to 64 px and reused for every image
     assert ratio == pytest.approx(30 * 40 / 96**2, abs=0.01)
+    overall = [r for r in csv.DictReader((run / "table2.csv").open()) if r["bucket"] == "all"]
+    assert overall and all(float(r["fd_randconv"]) >= 0 for r in overall)
 
 
 @pytest.mark.parametrize(
@@ -210,6 +254,7 @@ def test_probe_masks_from_files_handle_wrong_size_and_count_unusable_ones(
         (["--probe.checkpoints.partial_conv=/nonexistent/last.ckpt"], "does not exist"),
         (["--probe.fid.features=inception"], "weights-inception-2015-12-05"),
         (["--probe.n_images=0"], "n_images must be >= 1"),
+        (["--probe.fid.min_images=1"], "min_images must be >= 2"),
         (["--probe.checkpoints.nope=/x.ckpt"], "unknown inpainters"),
     ],
 )

@@ -48,7 +48,7 @@ SWEEP_STATE = "sweep.json"  # a sweep directory's state (common/experiment/sweep
 # config keys that differ between any two runs without saying anything about them
 IGNORED_KEYS = {"run.name", "run.root", "run.notes", "ckpt_path", "trainer.default_root_dir"}
 # metric names whose lower values are better; every other metric is better higher
-LOWER_IS_BETTER = ("loss", "fid", "err", "niqe", "lpips", "mse", "kid", "ece")
+LOWER_IS_BETTER = ("loss", "fid", "fd_", "err", "niqe", "lpips", "mse", "kid", "ece")
 # test report entries that are not generators
 NOT_GENERATORS = ("mean", "pooled")
 

@@ -8,8 +8,17 @@ but takes milliseconds for small sets instead of a 2048 x 2048 eigendecompositio
 The features are the standard ones only when torch-fidelity's Inception-v3 weights
 (`weights-inception-2015-12-05-6726825d.pth`, the TF-FID port torchmetrics uses) are on disk: we never download
 them implicitly. Without them, `features: auto` falls back to a clearly named substitute (`RandomConvFeatures`,
-"random_conv_features_seed0") and every report carries "not comparable to published FID";
+"random_conv_features_seed0") whose distance is never called FID: every output names it `fd_randconv`
+(CSV columns, report.json, W&B keys, Markdown "FD_randconv") and carries "not comparable to published FID";
 `features: inception` fails with instructions instead.
+
+Torchmetrics' Inception resizes to 299 px with an antialiased bilinear filter by default; we pass
+`antialias=False`, its TF-1.x-compatible bilinear resize, so the features equal torch-fidelity's (and TF-FID's)
+on the same weights (tested).
+
+A Fréchet distance is reported only for cells of more than `d` images per set (`min_images`, default d + 1):
+with fewer, both covariances are rank-deficient and the value is dominated by the sample size (FID of 10 images
+in 2048 dimensions is a number, not a measurement). Smaller cells are NaN / "n/a".
 """
 
 from __future__ import annotations
@@ -36,15 +45,36 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 SUBSTITUTE_NAME = "random_conv_features_seed0"
 NOT_COMPARABLE = "not comparable to published FID"
+INCEPTION_DIM = 2048
+FID_METRIC, FID_LABEL = "fid", "FID"
+# the distance on the substitute features: a Fréchet distance, but not FID; named so in every output
+SUBSTITUTE_METRIC, SUBSTITUTE_LABEL = "fd_randconv", "FD_randconv"
 
 
 @dataclass(frozen=True)
 class FeatureExtractorInfo:
-    """What produced the FID features, for the report."""
+    """What produced the Fréchet-distance features, for the report.
+
+    metric: the key of the distance in every output (CSV column, JSON, W&B): "fid" only for the standard
+    Inception features, "fd_randconv" for the substitute. label: its name in Markdown and plots. dim: the
+    feature dimension d."""
 
     name: str
     comparable: bool
     note: str
+    metric: str = FID_METRIC
+    label: str = FID_LABEL
+    dim: int = INCEPTION_DIM
+
+    def min_images(self, configured: int | None) -> int:
+        """The smallest set size a distance is reported for: `configured`, or d + 1 (full-rank covariances)."""
+        if configured is None:
+            return self.dim + 1
+        if configured < 2:
+            raise ConfigError(
+                f"probe.fid.min_images must be >= 2 (a covariance needs two images), got {configured}"
+            )
+        return configured
 
 
 class FIDWeightsMissing(ForgelabError):
@@ -111,7 +141,10 @@ def _inception_from_file(path: Path) -> nn.Module:
             f"{path} is not a plain state dict of tensors ({type(err).__name__}: {err})"
         ) from None
     return NoTrainInceptionV3(
-        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
+        name="inception-v3-compat",
+        features_list=[str(INCEPTION_DIM)],
+        feature_extractor_weights_path=str(path),
+        antialias=False,  # torch-fidelity's / TF-FID's resize; torchmetrics' default antialias=True is not
     )
 
 
@@ -140,7 +173,12 @@ def build_feature_extractor(
             NOT_COMPARABLE,
         )
     return RandomConvFeatures(), FeatureExtractorInfo(
-        SUBSTITUTE_NAME, False, "random-weight 5-stage convolutional features, seed 0, 992-d"
+        SUBSTITUTE_NAME,
+        False,
+        f"random-weight 5-stage convolutional features, seed 0, {RandomConvFeatures.num_features}-d",
+        metric=SUBSTITUTE_METRIC,
+        label=SUBSTITUTE_LABEL,
+        dim=RandomConvFeatures.num_features,
     )
 
 
@@ -155,7 +193,7 @@ def extract_features(extractor: nn.Module, images: torch.Tensor, batch_size: int
     return torch.cat(outputs) if outputs else torch.empty(0, 0, dtype=torch.float64)
 
 
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor, min_samples: int = 2) -> float:
     """The Fréchet distance of two Gaussians fitted to feature sets (Heusel et al. 2017, FID):
     ||μ_r - μ_f||² + Tr(Σ_r) + Tr(Σ_f) - 2 Tr((Σ_r Σ_f)^½), unbiased covariances, float64.
 
@@ -164,9 +202,10 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     centred feature matrices A (n_r x d) and B (n_f x d): an n_r x n_f problem instead of torchmetrics'
     d x d general eigendecomposition (2048 x 2048 per bucket), with the same value (tested against
     torchmetrics' FrechetInceptionDistance). Sets larger than d use the symmetric d x d form
-    Tr((Σ_r^½ Σ_f Σ_r^½)^½). NaN when either set has fewer than two samples (no covariance).
+    Tr((Σ_r^½ Σ_f Σ_r^½)^½). NaN when either set has fewer than `min_samples` samples (at least two: a
+    covariance needs two; the probe passes d + 1 by default, see the module docstring).
     """
-    if real.shape[0] < 2 or fake.shape[0] < 2:
+    if min(real.shape[0], fake.shape[0]) < max(2, min_samples):
         return math.nan
     real, fake = real.double(), fake.double()
     a, b = real - real.mean(0), fake - fake.mean(0)

@@ -8,7 +8,8 @@ result quadruples).
 For every inpainter and set, image i always gets mask i (drawn from `mask_seed`, or the i-th file of
 `mask_dir`), so the sets differ only in their images. Per image: the composite result, NIQE of the result and
 of the original, the L1 error in the hole and PSNR. Per hole-ratio bucket and over all images: FID between the
-originals and the results of that set (features extracted once; see fid.py) and mean NIQE. Written to
+originals and the results of that set (features extracted once; see fid.py; `fd_randconv`, never "fid", on the
+substitute features; n/a for cells of at most d images, `fid.min_images`) and mean NIQE. Written to
 `runs/<project>/<name>/`: table2.md/.csv (buckets x sets, per inpainter), table2_per_image.md, per_image.csv,
 plots/ (FID and NIQE by bucket, NIQE vs hole ratio, the quadruple sheets), results/<inpainter>/<set>/*.png,
 report.json, data_health.json, and the same tables, plots and summary values on W&B (offline by default).
@@ -104,10 +105,20 @@ class InpainterSpec:
 @dataclass
 class FIDSettings:
     """features: "inception" (torch-fidelity weights required), "substitute" (random features), or "auto"
-    (Inception when its weights are on disk, else the substitute, marked in every report)."""
+    (Inception when its weights are on disk, else the substitute, named `fd_randconv` in every output).
+    min_images: the smallest number of images per set a cell's distance is reported for (n/a below); None =
+    the feature dimension + 1 (2049 for Inception, 993 for the substitute), so that both covariances can be full
+    rank. Lower it deliberately (e.g. 10 for the paper's per-set numbers): the values are then biased and noisy."""
 
     features: FeatureMode = "auto"
     inception_weights: str | None = None
+    min_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_images is not None and self.min_images < 2:
+            raise ValueError(
+                f"fid.min_images must be >= 2 (a covariance needs two images), got {self.min_images}"
+            )
 
 
 @dataclass
@@ -350,8 +361,8 @@ def _fmt(value: float, digits: int) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _round(value: float, digits: int = 4) -> float | None:
-    return None if math.isnan(value) else round(value, digits)
+def _round(value: float, digits: int = 4) -> float:
+    return value if math.isnan(value) else round(value, digits)  # NaN stays NaN ("nan" in the CSVs)
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
@@ -404,6 +415,15 @@ def _probe(
     start = time.perf_counter()
     extractor, fid_info = build_feature_extractor(config.fid.features, config.fid.inception_weights)
     extractor = extractor.to(device)
+    min_images = fid_info.min_images(config.fid.min_images)
+    if n < min_images:
+        log.warning(
+            "probe: %s is n/a: %d images per set, fewer than fid.min_images=%d (%d-d features)",
+            fid_info.label,
+            n,
+            min_images,
+            fid_info.dim,
+        )
     originals = {
         s.name: Scores(
             extract_features(extractor, s.images),
@@ -447,14 +467,16 @@ def _probe(
                 spec.name, image_set, results, masks, ratios, buckets, originals[image_set.name], scores
             )
             per_image += rows
-            bucket_rows += bucket_table_rows(rows, originals[image_set.name], scores, config.bucket_edges)
+            bucket_rows += bucket_table_rows(
+                rows, originals[image_set.name], scores, config.bucket_edges, fid_info.metric, min_images
+            )
             save_outputs(reporter, config, spec.name, display[spec.name], image_set, masks, ratios, results)
         speeds[spec.name] = len(sets) * n / max(seconds, 1e-9)
         del inpainter
     timings["inpainting_and_scores"] = time.perf_counter() - start
 
     # 4. tables, plots, report
-    report = write_reports(reporter, config, sets, bucket_rows, per_image, fid_info, display)
+    report = write_reports(reporter, config, sets, bucket_rows, per_image, fid_info, display, min_images)
     report.update(
         {
             "n_images_per_set": n,
@@ -477,7 +499,7 @@ def _probe(
         f"{r['inpainter']}/{r['set']}/{metric}": r[metric]
         for r in bucket_rows
         if r["bucket"] == "all"
-        for metric in ("fid", "niqe", "niqe_original", "hole_l1", "psnr")
+        for metric in (fid_info.metric, "niqe", "niqe_original", "hole_l1", "psnr")
         if not math.isnan(r[metric])
     }
     for logger in reporter.loggers:
@@ -551,10 +573,16 @@ def score_rows(
 
 
 def bucket_table_rows(
-    rows: list[dict[str, Any]], original: Scores, scores: Scores, edges: Sequence[float]
+    rows: list[dict[str, Any]],
+    original: Scores,
+    scores: Scores,
+    edges: Sequence[float],
+    metric: str = "fid",
+    min_images: int = 2,
 ) -> list[dict[str, Any]]:
-    """Table 2 cells of one (inpainter, set): per hole-ratio bucket present, then all images. FID between the
-    originals and the results of the bucket; means of the per-image values."""
+    """Table 2 cells of one (inpainter, set): per hole-ratio bucket present, then all images. The Fréchet
+    distance between the originals and the results of the bucket under the key `metric` ("fid", or
+    "fd_randconv" on the substitute features), NaN below `min_images` images; means of the per-image values."""
     present = sorted({r["bucket"] for r in rows}, key=_bucket_order(edges))
     cells = []
     for bucket in [*present, "all"]:
@@ -566,7 +594,7 @@ def bucket_table_rows(
                 "set": rows[0]["set"],
                 "real": rows[0]["real"],
                 "n": len(chosen),
-                "fid": frechet_distance(original.features[chosen], scores.features[chosen]),
+                metric: frechet_distance(original.features[chosen], scores.features[chosen], min_images),
                 **{
                     key: _nanmean([rows[i][key] for i in chosen])
                     for key in ("niqe", "niqe_original", "hole_l1", "psnr")
@@ -623,11 +651,16 @@ def write_reports(
     per_image: list[dict[str, Any]],
     fid_info: Any,
     display: dict[str, str],
+    min_images: int = 2,
 ) -> dict[str, Any]:
     """Table 2 by bucket (CSV + Markdown + W&B), the per-image table, plots; returns the report's core."""
-    fid_line = f"FID features: {fid_info.name} ({fid_info.note})" + (
-        "" if fid_info.comparable else " — **not comparable to published FID**"
+    fd, label = fid_info.metric, fid_info.label
+    fid_line = f"{label} features: {fid_info.name} ({fid_info.note})" + (
+        ""
+        if fid_info.comparable
+        else f" — {label} is a Fréchet distance, **not comparable to published FID**"
     )
+    fid_line += f"; n/a for cells of fewer than {min_images} images per set ({fid_info.dim}-d features)."
     niqe_line = f"NIQE: Mittal et al. 2013, MATLAB-release pristine model, {config.niqe_color} luminance, 96-px blocks."
     sections, per_image_sections = [], []
     for name, title in display.items():
@@ -636,10 +669,10 @@ def write_reports(
         header = ["hole ratio", "n"] + [
             f"{'real' if s.real else 'generated'}: {s.name} {metric}"
             for s in sets
-            for metric in ("FID ↓", "NIQE ↓")
+            for metric in (f"{label} ↓", "NIQE ↓")
         ]
         lines = [
-            f"**Table 2 (paper 003) — {title}: FID ↓ and NIQE ↓ of the inpainted images, by hole ratio**",
+            f"**Table 2 (paper 003) — {title}: {label} ↓ and NIQE ↓ of the inpainted images, by hole ratio**",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
@@ -648,9 +681,7 @@ def write_reports(
             cells = {r["set"]: r for r in rows if r["bucket"] == bucket}
             n = cells[sets[0].name]["n"]
             label = "All images" if bucket == "all" else bucket
-            values = [
-                v for s in sets for v in (_fmt(cells[s.name]["fid"], 2), _fmt(cells[s.name]["niqe"], 4))
-            ]
+            values = [v for s in sets for v in (_fmt(cells[s.name][fd], 2), _fmt(cells[s.name]["niqe"], 4))]
             lines.append(f"| {label} | {n} | " + " | ".join(values) + " |")
         originals = " · ".join(
             f"{s.name} {_fmt(next(r['niqe_original'] for r in rows if r['set'] == s.name and r['bucket'] == 'all'), 4)}"
@@ -664,7 +695,7 @@ def write_reports(
     if config.plots:
         log_figure(reporter, "niqe_vs_hole_ratio", _scatter_figure(per_image, sets, display))
 
-    columns = ["inpainter", "bucket", "set", "real", "n", "fid", "niqe", "niqe_original", "hole_l1", "psnr"]
+    columns = ["inpainter", "bucket", "set", "real", "n", fd, "niqe", "niqe_original", "hole_l1", "psnr"]
     table = [[_round(r[c]) if isinstance(r[c], float) else r[c] for c in columns] for r in bucket_rows]
     log_table(reporter, "table2", columns, table, markdown="\n\n".join(sections))
     image_columns = list(per_image[0]) if per_image else []
@@ -677,7 +708,7 @@ def write_reports(
         Path(reporter.default_root_dir) / "table2_per_image.md", "\n\n".join(per_image_sections) + "\n"
     )
     print("\n" + "\n\n".join(sections) + "\n")
-    return {"fid_features": asdict(fid_info), "inpainters": display}
+    return {"frechet_distance": {**asdict(fid_info), "min_images": min_images}, "inpainters": display}
 
 
 def _per_image_markdown(
@@ -713,10 +744,10 @@ def _bucket_figure(
     width = 0.8 / max(1, len(sets))
     for k, image_set in enumerate(sets):
         cells = {r["bucket"]: r for r in rows if r["set"] == image_set.name}
-        for ax, metric in zip(axes, ("fid", "niqe")):
+        for ax, metric in zip(axes, (fid_info.metric, "niqe")):
             values = [cells[b][metric] for b in order]
             ax.bar(x + (k - (len(sets) - 1) / 2) * width, values, width, label=image_set.name)
-    fid_label = "FID" + ("" if fid_info.comparable else f" ({fid_info.name})")
+    fid_label = fid_info.label + ("" if fid_info.comparable else f" ({fid_info.name})")
     for ax, label in zip(axes, (fid_label, "NIQE")):
         ax.set_xticks(x, ["all" if b == "all" else b for b in order], rotation=30)
         ax.set(xlabel="hole ratio", ylabel=f"{label} (lower is better)")
