@@ -11,7 +11,6 @@ Validation logs the L1 error and PSNR of the composite against the original (the
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,22 @@ from common.backbones.presets import check_preset
 from common.errors import ConfigError
 from common.experiment.reporting import log_pil, log_table
 from common.io import write_json
+from projects.inpaint_probe.deepfill_port import (
+    LAYOUTS,
+    WEIGHT_LAYOUTS,
+    detect_layout,
+    load_port_generator,
+    read_port_checkpoint,
+    registered_weight_path,
+)
 from projects.inpaint_probe.gated_conv import DeepFillV2Generator, SNPatchGANDiscriminator
 from projects.inpaint_probe.losses import (
-    LIU_WEIGHTS,
-    VGG16Features,
     composite,
     hinge_discriminator_loss,
     hinge_generator_loss,
-    liu_loss_terms,
-    liu_total_loss,
     two_stage_l1_loss,
 )
 from projects.inpaint_probe.masks import DEFAULT_BUCKET_EDGES, bucket_label, check_mask_batch
-from projects.inpaint_probe.partial_conv import PConvUNet
 from projects.inpaint_probe.quadruples import quadruple_sheet
 
 
@@ -163,118 +165,16 @@ class InpaintingTask(L.LightningModule):
         print("\n" + "\n".join(lines) + "\n")
 
 
-def _check_deepfill_preset(preset: str, checkpoint_path: str | None) -> None:
+def _check_deepfill_preset(preset: str, checkpoint_path: str | None, weights: str | None) -> None:
     check_preset(preset)
-    if preset == "pretrained" and checkpoint_path is None:
+    if preset == "pretrained" and checkpoint_path is None and weights is None:
         raise ConfigError(
-            "DeepFill v2 has no downloadable PyTorch weights: train one with `forgelab fit --config "
-            "configs/inpaint_probe/deepfill_v2.yaml` and pass its checkpoint as checkpoint_path, or use "
-            "preset random (full size, from scratch) or tiny"
+            "DeepFill v2 preset pretrained needs weights (a registered published file, e.g. "
+            f"{', '.join(WEIGHT_LAYOUTS)}) or checkpoint_path (a `forgelab fit` run of "
+            "configs/inpaint_probe/deepfill_v2.yaml); or use preset random (full size, from scratch) or tiny"
         )
-
-
-class PartialConvInpainter(InpaintingTask):
-    """Liu et al. (2018): the partial-convolution U-Net trained with L_total (valid, hole, perceptual, style, TV).
-
-    Args:
-        preset: "pretrained" = the paper's network (8 levels, widths 64-512) with the ImageNet VGG-16 loss
-            network; "random" = the same with a random VGG-16; "tiny" = 4 levels, widths 16-32, tiny VGG-16
-            (tests and the demo).
-        widths, kernel_sizes: override the encoder's widths and kernels.
-        lr: Adam learning rate (the paper: 2e-4, then 5e-5 for fine-tuning with the encoder's BatchNorm frozen).
-        freeze_encoder_bn: the paper's fine-tuning stage (BatchNorm statistics and affine terms of the encoder
-            fixed, so holes do not bias the statistics).
-        loss_weights: the five weights of L_total (default 1, 6, 0.05, 120, 0.1).
-        checkpoint_path: local weights for the U-Net (a state dict or a checkpoint of this module).
-    """
-
-    display_name = "partial convolution (Liu et al. 2018)"
-
-    def __init__(
-        self,
-        preset: str = "pretrained",
-        widths: Sequence[int] | None = None,
-        kernel_sizes: Sequence[int] | None = None,
-        vgg: str = "vgg16.tv_in1k",
-        lr: float = 2e-4,
-        freeze_encoder_bn: bool = False,
-        loss_weights: dict[str, float] | None = None,
-        checkpoint_path: str | None = None,
-        grid_images: int = 8,
-    ) -> None:
-        super().__init__(grid_images=grid_images)
-        check_preset(preset)
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        weights = dict(LIU_WEIGHTS) | dict(loss_weights or {})
-        if set(weights) != set(LIU_WEIGHTS):
-            raise ValueError(
-                f"loss_weights keys must be among {sorted(LIU_WEIGHTS)}, got {sorted(loss_weights or {})}"
-            )
-        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
-        self.loss_weights = weights
-        tiny = preset == "tiny"
-        widths = widths or ((16, 32, 32, 32) if tiny else (64, 128, 256, 512, 512, 512, 512, 512))
-        kernel_sizes = kernel_sizes or ((7, 5, 5, 3) if tiny else (7, 5, 5, 3, 3, 3, 3, 3))[: len(widths)]
-        if len(kernel_sizes) != len(widths):
-            raise ValueError(f"give one kernel size per width: {widths} vs {kernel_sizes}")
-        self.network = PConvUNet(widths, kernel_sizes)
-        if checkpoint_path is not None:
-            load_local_weights(self.network, checkpoint_path)
-        # The VGG-16 of the loss is built for training only and kept out of the state dict: it is fixed, it is
-        # not part of the inpainter, and the probe loads checkpoints without it (and without its weights).
-        self._loss_network: list[VGG16Features] = []
-        self.vgg_name, self.vgg_preset = vgg, "tiny" if tiny else preset
-        self.freeze_encoder_bn = freeze_encoder_bn
-        if freeze_encoder_bn:
-            for bn in self.network.encoder_batchnorms():
-                bn.requires_grad_(False)
-
-    @property
-    def network_stride(self) -> int:
-        return self.network.stride
-
-    def setup(self, stage: str) -> None:
-        if (
-            stage == "fit" and not self._loss_network
-        ):  # fails before the first step if the weights are missing
-            self._loss_network.append(VGG16Features(self.vgg_name, preset=self.vgg_preset))
-
-    def loss_network(self, device: torch.device) -> VGG16Features:
-        if not self._loss_network:
-            self.setup("fit")
-        vgg = self._loss_network[0]
-        if vgg.mean.device != device:
-            vgg.to(device)
-        return vgg
-
-    def train(self, mode: bool = True) -> PartialConvInpainter:
-        super().train(mode)
-        if self.freeze_encoder_bn:
-            for bn in self.network.encoder_batchnorms():
-                bn.eval()
-        return self
-
-    def predict_raw(self, image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
-        out = self.network(image * 2.0 - 1.0, 1.0 - hole)  # the paper's M: 1 = valid
-        return (out + 1.0) / 2.0
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if batch["image"].shape[0] == 0:
-            return None
-        image, hole = batch["image"], batch["hole"]
-        padded, padded_hole, (h, w) = pad_to_multiple(image, hole, self.network_stride)
-        output = self.predict_raw(padded, padded_hole)[..., :h, :w]
-        terms = liu_loss_terms(output, image, hole, self.loss_network(image.device))
-        loss = liu_total_loss(terms, self.loss_weights)
-        size = image.shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([p for p in self.network.parameters() if p.requires_grad], lr=self.hparams.lr)
+    if weights is not None and weights not in WEIGHT_LAYOUTS:
+        raise ConfigError(f"DeepFill v2 weights must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weights!r}")
 
 
 class DeepFillV2Inpainter(InpaintingTask):
@@ -284,9 +184,15 @@ class DeepFillV2Inpainter(InpaintingTask):
 
     Args:
         preset: "random" (the paper's widths, trained from scratch), "tiny" (width 4, discriminator width 8), or
-            "pretrained" with `checkpoint_path` (there are no downloadable PyTorch weights).
+            "pretrained" with `weights` (published Places2 weights) or `checkpoint_path` (a forgelab checkpoint).
         width: generator width (channels after gating; the paper's cnum 48 = 24 here). disc_width: SN-PatchGAN's.
         attention: keep the contextual-attention branch (off only for ablations).
+        weights: a registered published generator (deepfill_port.WEIGHT_LAYOUTS: "deepfill_v2/places2-tf", the
+            authors' model, or "deepfill_v2/places2-pt"), read from torch hub's checkpoints folder, or from
+            `checkpoint_path` when given; it also fixes `padding` and `fuse` to the ones those weights were
+            trained with (loaded only with preset pretrained; the discriminator starts from scratch).
+        padding: "symmetric" or "tf_same" (TensorFlow SAME); default: the weights' layout, else symmetric.
+        fuse: contextual attention's score propagation; default: the weights' layout, else True.
     """
 
     display_name = "gated convolution (DeepFill v2, Yu et al. 2019)"
@@ -303,9 +209,12 @@ class DeepFillV2Inpainter(InpaintingTask):
         gan_weight: float = 1.0,
         checkpoint_path: str | None = None,
         grid_images: int = 8,
+        weights: str | None = None,
+        padding: str | None = None,
+        fuse: bool | None = None,
     ) -> None:
         super().__init__(grid_images=grid_images)
-        _check_deepfill_preset(preset, checkpoint_path)
+        _check_deepfill_preset(preset, checkpoint_path, weights)
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if l1_weight < 0 or gan_weight < 0:
@@ -313,9 +222,22 @@ class DeepFillV2Inpainter(InpaintingTask):
         self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.automatic_optimization = False
         tiny = preset == "tiny"
-        self.generator = DeepFillV2Generator(width or (4 if tiny else 24), attention=attention)
+        layout = LAYOUTS[WEIGHT_LAYOUTS[weights]] if weights is not None else None
+        padding = padding or (layout.padding if layout else "symmetric")
+        fuse = fuse if fuse is not None else (layout.fuse if layout else True)
+        width = width or (4 if tiny else 24)
+        self.generator = DeepFillV2Generator(width, attention=attention, padding=padding, fuse=fuse)
         self.discriminator = SNPatchGANDiscriminator(disc_width or (8 if tiny else 64))
-        if checkpoint_path is not None:
+        if layout is not None and preset == "pretrained":
+            path = checkpoint_path or registered_weight_path(weights)
+            published = load_port_generator(path, width, attention)
+            if (published.padding, published.fuse) != (padding, fuse):
+                raise ConfigError(
+                    f"{path} has the port's {detect_layout(read_port_checkpoint(path)).name} layout, not the one "
+                    f"of {weights}; name the matching weights"
+                )
+            self.generator.load_state_dict(published.state_dict())
+        elif checkpoint_path is not None:
             load_local_weights(self.generator, checkpoint_path)
 
     @property
