@@ -11,6 +11,7 @@ Validation logs the L1 error and PSNR of the composite against the original (the
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,17 @@ from projects.inpaint_probe.deepfill_port import (
 )
 from projects.inpaint_probe.gated_conv import DeepFillV2Generator, SNPatchGANDiscriminator
 from projects.inpaint_probe.losses import (
+    LIU_WEIGHTS,
+    VGG16Features,
     composite,
     hinge_discriminator_loss,
     hinge_generator_loss,
+    liu_loss_terms,
+    liu_total_loss,
     two_stage_l1_loss,
 )
 from projects.inpaint_probe.masks import DEFAULT_BUCKET_EDGES, bucket_label, check_mask_batch
+from projects.inpaint_probe.partial_conv import PConvUNet
 from projects.inpaint_probe.quadruples import quadruple_sheet
 
 
@@ -175,6 +181,110 @@ def _check_deepfill_preset(preset: str, checkpoint_path: str | None, weights: st
         )
     if weights is not None and weights not in WEIGHT_LAYOUTS:
         raise ConfigError(f"DeepFill v2 weights must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weights!r}")
+
+
+class PartialConvInpainter(InpaintingTask):
+    """Liu et al. (2018): the partial-convolution U-Net trained with L_total (valid, hole, perceptual, style, TV).
+
+    Args:
+        preset: "pretrained" = the paper's network (8 levels, widths 64-512) with the ImageNet VGG-16 loss
+            network; "random" = the same with a random VGG-16; "tiny" = 4 levels, widths 16-32, tiny VGG-16
+            (tests and the demo).
+        widths, kernel_sizes: override the encoder's widths and kernels.
+        lr: Adam learning rate (the paper: 2e-4, then 5e-5 for fine-tuning with the encoder's BatchNorm frozen).
+        freeze_encoder_bn: the paper's fine-tuning stage (BatchNorm statistics and affine terms of the encoder
+            fixed, so holes do not bias the statistics).
+        loss_weights: the five weights of L_total (default 1, 6, 0.05, 120, 0.1).
+        checkpoint_path: local weights for the U-Net (a state dict or a checkpoint of this module).
+    """
+
+    display_name = "partial convolution (Liu et al. 2018)"
+
+    def __init__(
+        self,
+        preset: str = "pretrained",
+        widths: Sequence[int] | None = None,
+        kernel_sizes: Sequence[int] | None = None,
+        vgg: str = "vgg16.tv_in1k",
+        lr: float = 2e-4,
+        freeze_encoder_bn: bool = False,
+        loss_weights: dict[str, float] | None = None,
+        checkpoint_path: str | None = None,
+        grid_images: int = 8,
+    ) -> None:
+        super().__init__(grid_images=grid_images)
+        check_preset(preset)
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        weights = dict(LIU_WEIGHTS) | dict(loss_weights or {})
+        if set(weights) != set(LIU_WEIGHTS):
+            raise ValueError(
+                f"loss_weights keys must be among {sorted(LIU_WEIGHTS)}, got {sorted(loss_weights or {})}"
+            )
+        self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
+        self.loss_weights = weights
+        tiny = preset == "tiny"
+        widths = widths or ((16, 32, 32, 32) if tiny else (64, 128, 256, 512, 512, 512, 512, 512))
+        kernel_sizes = kernel_sizes or ((7, 5, 5, 3) if tiny else (7, 5, 5, 3, 3, 3, 3, 3))[: len(widths)]
+        if len(kernel_sizes) != len(widths):
+            raise ValueError(f"give one kernel size per width: {widths} vs {kernel_sizes}")
+        self.network = PConvUNet(widths, kernel_sizes)
+        if checkpoint_path is not None:
+            load_local_weights(self.network, checkpoint_path)
+        # The VGG-16 of the loss is built for training only and kept out of the state dict: it is fixed, it is
+        # not part of the inpainter, and the probe loads checkpoints without it (and without its weights).
+        self._loss_network: list[VGG16Features] = []
+        self.vgg_name, self.vgg_preset = vgg, "tiny" if tiny else preset
+        self.freeze_encoder_bn = freeze_encoder_bn
+        if freeze_encoder_bn:
+            for bn in self.network.encoder_batchnorms():
+                bn.requires_grad_(False)
+
+    @property
+    def network_stride(self) -> int:
+        return self.network.stride
+
+    def setup(self, stage: str) -> None:
+        if (
+            stage == "fit" and not self._loss_network
+        ):  # fails before the first step if the weights are missing
+            self._loss_network.append(VGG16Features(self.vgg_name, preset=self.vgg_preset))
+
+    def loss_network(self, device: torch.device) -> VGG16Features:
+        if not self._loss_network:
+            self.setup("fit")
+        vgg = self._loss_network[0]
+        if vgg.mean.device != device:
+            vgg.to(device)
+        return vgg
+
+    def train(self, mode: bool = True) -> PartialConvInpainter:
+        super().train(mode)
+        if self.freeze_encoder_bn:
+            for bn in self.network.encoder_batchnorms():
+                bn.eval()
+        return self
+
+    def predict_raw(self, image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        out = self.network(image * 2.0 - 1.0, 1.0 - hole)  # the paper's M: 1 = valid
+        return (out + 1.0) / 2.0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch["image"].shape[0] == 0:
+            return None
+        image, hole = batch["image"], batch["hole"]
+        padded, padded_hole, (h, w) = pad_to_multiple(image, hole, self.network_stride)
+        output = self.predict_raw(padded, padded_hole)[..., :h, :w]
+        terms = liu_loss_terms(output, image, hole, self.loss_network(image.device))
+        loss = liu_total_loss(terms, self.loss_weights)
+        size = image.shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.network.parameters() if p.requires_grad], lr=self.hparams.lr)
 
 
 class DeepFillV2Inpainter(InpaintingTask):
