@@ -130,7 +130,7 @@ def _save_file(cache: Path, entry: registry.ModelEntry) -> None:
         layout = LAYOUTS[WEIGHT_LAYOUTS[entry.name]]
         ours = layout.generator().state_dict()
         state = {port: ours[key] for port, key in port_key_map(layout).items()}
-        target = torch_home(cache) / "hub" / "checkpoints" / entry.filename
+        target = torch_home(cache) / "hub" / "checkpoints" / entry.file_name
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"G": state}, target)
         return
@@ -143,7 +143,7 @@ def _save_file(cache: Path, entry: registry.ModelEntry) -> None:
         mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict"),
     ):
         model = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    target = torch_home(cache) / "hub" / "checkpoints" / entry.url.rsplit("/", 1)[-1]
+    target = torch_home(cache) / "hub" / "checkpoints" / entry.file_name
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), target)
 

@@ -44,6 +44,11 @@ class ModelEntry:
     exclude: tuple[str, ...] = _NOT_LOADED  # patterns `hf download` can skip
 
     @property
+    def file_name(self) -> str | None:
+        """Family "file": the name in torch hub's checkpoints folder (`filename`, else the URL's last part)."""
+        return self.filename or (self.url.rsplit("/", 1)[-1] if self.url else None)
+
+    @property
     def hub_repo(self) -> str | None:
         return None if self.family == "file" else (self.repo or self.name)
 
