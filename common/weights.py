@@ -162,7 +162,7 @@ def cache_status(requirement: Requirement) -> CacheStatus:
     if entry.family == "file":
         import torch.hub
 
-        path = Path(torch.hub.get_dir()) / "checkpoints" / entry.url.rsplit("/", 1)[-1]
+        path = Path(torch.hub.get_dir()) / "checkpoints" / entry.file_name
         return CacheStatus(path.is_file(), path, path.stat().st_size if path.is_file() else 0)
     from huggingface_hub import try_to_load_from_cache
 
@@ -200,7 +200,7 @@ def download_command(requirement: Requirement) -> str:
     if entry.family == "file":
         import torch.hub
 
-        target = Path(torch.hub.get_dir()) / "checkpoints" / entry.url.rsplit("/", 1)[-1]
+        target = Path(torch.hub.get_dir()) / "checkpoints" / entry.file_name
         return (
             f"mkdir -p {shlex.quote(str(target.parent))} && curl -L -o {shlex.quote(str(target))} {entry.url}"
         )
@@ -220,7 +220,7 @@ def download(requirement: Requirement) -> None:
     if entry.family == "file":
         import torch.hub
 
-        target = Path(torch.hub.get_dir()) / "checkpoints" / entry.url.rsplit("/", 1)[-1]
+        target = Path(torch.hub.get_dir()) / "checkpoints" / entry.file_name
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(entry.url, str(target))  # writes a temporary file, then renames it
         return

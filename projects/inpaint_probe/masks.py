@@ -1,4 +1,5 @@
-"""Hole masks for inpainting: DeepFill v2's free-form brush strokes, its random rectangles, mask files, and the
+"""Hole masks for inpainting: DeepFill v2's free-form brush strokes, its random rectangles, object masks (MS-COCO
+instance annotations or a folder of mask files: paper 003's object removal, object_masks.py), mask files, and the
 hole ratio every result is bucketed by.
 
 Convention used throughout this project: a mask is a float tensor (1, H, W) or (B, 1, H, W) with **1 in the hole**
@@ -23,8 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-MaskKind = Literal["free_form", "rectangle", "free_form+rectangle"]
-MASK_KINDS: tuple[str, ...] = ("free_form", "rectangle", "free_form+rectangle")
+from common.errors import ConfigError
+
+MaskKind = Literal["free_form", "rectangle", "free_form+rectangle", "coco_objects", "mask_folder"]
+MASK_KINDS: tuple[str, ...] = ("free_form", "rectangle", "free_form+rectangle", "coco_objects", "mask_folder")
+SOURCE_KINDS: tuple[str, ...] = ("coco_objects", "mask_folder")
 
 # Liu et al. (2018) Table 1 reports results by hole-to-image area ratio in these bins; the probe uses them too.
 DEFAULT_BUCKET_EDGES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
@@ -57,6 +61,11 @@ class MaskConfig:
     rect_fraction: side of the rectangle relative to the image side before shrinking (128/256 in DeepFill v2).
     rect_max_delta: the rectangle shrinks by up to this fraction of the side, on each axis (32/256).
     min_ratio, max_ratio: hole ratios outside this range are redrawn (an empty or nearly full mask is no test).
+    source: for "coco_objects" an instances_*.json (each draw: one annotated object, polygon or RLE, resized to
+        the image), for "mask_folder" a folder of mask files (each draw: one file); see `image_mask` for masks
+        matched to an image by file stem.
+    object_choice: which objects of a stem-matched COCO image make its hole: "largest" (by COCO's area) or "all".
+    dilate: grow object / folder masks by this many pixels after resizing (0: the outline as annotated).
     """
 
     kind: MaskKind = "free_form"
@@ -64,10 +73,22 @@ class MaskConfig:
     rect_max_delta: float = 0.125
     min_ratio: float = 0.01
     max_ratio: float = 0.9
+    source: str | None = None
+    object_choice: Literal["largest", "all"] = "largest"
+    dilate: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in MASK_KINDS:
             raise ValueError(f"mask kind must be one of {', '.join(MASK_KINDS)}; got {self.kind!r}")
+        if (self.kind in SOURCE_KINDS) != (self.source is not None):
+            raise ConfigError(
+                f"mask source is needed by kinds {', '.join(SOURCE_KINDS)} and only by them (kind {self.kind!r}, "
+                f"source {self.source!r})"
+            )
+        if self.object_choice not in ("largest", "all"):
+            raise ValueError(f"object_choice must be largest or all, got {self.object_choice!r}")
+        if self.dilate < 0:
+            raise ValueError(f"dilate must be >= 0, got {self.dilate}")
         if not 0.0 < self.rect_fraction <= 1.0:
             raise ValueError(f"rect_fraction must be in (0, 1], got {self.rect_fraction}")
         if not 0.0 <= self.rect_max_delta < self.rect_fraction:
@@ -140,10 +161,51 @@ def hole_ratio(mask: torch.Tensor | np.ndarray) -> torch.Tensor | float:
     return float(mask.float().mean())
 
 
+def _source_mask(height: int, width: int, config: MaskConfig, rng: np.random.Generator) -> np.ndarray:
+    """One object of the COCO file or one file of the mask folder, drawn by `rng`, at (height, width)."""
+    from projects.inpaint_probe import object_masks
+
+    if config.kind == "coco_objects":
+        instances = object_masks.read_coco_instances(str(config.source))
+        mask = instances.object_mask(int(rng.integers(0, len(instances.annotations))))
+    else:
+        files = sorted(object_masks.mask_folder_index(str(config.source)).values())
+        try:
+            mask, _ = load_mask(files[int(rng.integers(0, len(files)))])
+        except MaskError:
+            return np.zeros((height, width), np.float32)  # unusable file: redrawn by the ratio check
+    return object_masks.dilate_mask(object_masks.resize_mask(mask, height, width), config.dilate)
+
+
+def image_mask(image_path: str | Path, height: int, width: int, config: MaskConfig) -> np.ndarray | None:
+    """The hole of one image matched by file stem: its COCO objects (`object_choice`) or the mask file of the same
+    stem in the folder, resized to (height, width) and dilated; None when the source has none for this image
+    (the caller counts it as a skip). Raises MaskError for an unusable mask file, as load_mask."""
+    from projects.inpaint_probe import object_masks
+
+    if config.kind not in SOURCE_KINDS:
+        raise ConfigError(
+            f"masks matched to images need kind coco_objects or mask_folder, not {config.kind!r}"
+        )
+    stem = Path(image_path).stem
+    if config.kind == "coco_objects":
+        mask = object_masks.read_coco_instances(str(config.source)).image_mask(stem, config.object_choice)
+    else:
+        path = object_masks.mask_folder_index(str(config.source)).get(stem)
+        mask = load_mask(path)[0] if path is not None else None
+    if mask is None:
+        return None
+    mask = object_masks.dilate_mask(object_masks.resize_mask(mask, height, width), config.dilate)
+    check_mask_coverage(mask, f"mask of {stem}")
+    return mask
+
+
 def sample_mask(height: int, width: int, config: MaskConfig, rng: np.random.Generator) -> np.ndarray:
     """One mask of `config.kind` whose hole ratio lies in [min_ratio, max_ratio] (redrawn up to 100 times)."""
     for _ in range(100):
-        if config.kind == "free_form":
+        if config.kind in SOURCE_KINDS:
+            mask = _source_mask(height, width, config, rng)
+        elif config.kind == "free_form":
             mask = free_form_mask(height, width, rng)
         elif config.kind == "rectangle":
             mask = rectangle_mask(height, width, rng, config.rect_fraction, config.rect_max_delta)
