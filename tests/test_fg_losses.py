@@ -41,15 +41,27 @@ def test_contrastive_loss_matches_hadsell_by_hand():
     assert loss.item() == pytest.approx(0.125, abs=1e-5) and torch.isfinite(z.grad).all()
 
 
-def test_detail_alignment_is_infonce_by_hand():
-    patches = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    tokens = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]])
+def test_detail_alignment_is_infonce_over_each_patch_row_by_hand():
+    # S = patches @ tokens.T is asymmetric on purpose:
+    #   [[0.5, 1, 0],
+    #    [0,   2, 0],
+    #    [0.5, 2, 3]]
+    # so the softmax over tokens j for each patch k (Eq. 3) and the one over patches for each token (the wrong
+    # axis) give different losses, and an implementation on the transposed matrix fails here.
+    patches = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
+    tokens = torch.tensor([[0.5, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    similarity = [[0.5, 1.0, 0.0], [0.0, 2.0, 0.0], [0.5, 2.0, 3.0]]
     tau = 0.5
-    expected = 0.0
-    for k in range(3):
-        scores = [float(patches[k] @ tokens[j]) / tau for j in range(3)]
-        expected -= scores[k] - math.log(sum(math.exp(s) for s in scores))
-    expected /= 3
+
+    def naive(s):  # -1/K sum_k log(exp(S_kk / tau) / sum_j exp(S_kj / tau)), one row at a time
+        total = 0.0
+        for k in range(3):
+            total -= s[k][k] / tau - math.log(sum(math.exp(s[k][j] / tau) for j in range(3)))
+        return total / 3
+
+    expected = naive(similarity)
+    wrong_axis = naive([list(col) for col in zip(*similarity)])
+    assert abs(expected - wrong_axis) > 0.01  # the two axes really differ for this matrix
     assert detail_alignment_loss(patches, tokens, tau).item() == pytest.approx(expected, rel=1e-6)
     # perfectly matched parts at a low temperature cost almost nothing; swapped parts cost a lot
     eye = torch.eye(3)
