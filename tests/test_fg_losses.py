@@ -109,16 +109,21 @@ def test_bad_loss_arguments_are_clear():
 # -- GradNorm ------------------------------------------------------------------------------------------------
 
 
-def _gradnorm_by_hand(w, norms, losses, initial, alpha, lr, total):
-    """Chen et al. 2018 written out with plain floats: G, r, targets, dL_grad/dw, SGD, clamp, renormalise."""
+def _gradnorm_by_hand(w, norms, losses, initial, alpha, lr, total, active=None):
+    """Chen et al. 2018 written out with plain floats: G, r, targets, dL_grad/dw, SGD, clamp, renormalise.
+    Terms not in ``active`` take no part in the means and get no gradient."""
+    active = active or [True] * len(w)
+    on = [i for i in range(len(w)) if active[i]]
     g = [wi * ni for wi, ni in zip(w, norms)]
-    rates = [li / l0 for li, l0 in zip(losses, initial)]
-    r = [x / (sum(rates) / len(rates)) for x in rates]
-    targets = [sum(g) / len(g) * ri**alpha for ri in r]
-    l_grad = sum(abs(gi - ti) for gi, ti in zip(g, targets))
-    dw = [ni * (1.0 if gi > ti else -1.0) for ni, gi, ti in zip(norms, g, targets)]
+    rates = {i: losses[i] / initial[i] for i in on}
+    mean_rate = sum(rates.values()) / len(on)
+    r = [rates[i] / mean_rate if i in rates else 1.0 for i in range(len(w))]
+    mean_g = sum(g[i] for i in on) / len(on)
+    targets = [mean_g * ri**alpha for ri in r]
+    l_grad = sum(abs(g[i] - targets[i]) for i in on)
+    dw = [norms[i] * (1.0 if g[i] > targets[i] else -1.0) if active[i] else 0.0 for i in range(len(w))]
     new = [max(wi - lr * di, 1e-3) for wi, di in zip(w, dw)]
-    return l_grad, [x * total / sum(new) for x in new]
+    return l_grad, [x * total / sum(new) for x in new], r
 
 
 def test_gradnorm_update_matches_a_hand_computation():
@@ -128,7 +133,7 @@ def test_gradnorm_update_matches_a_hand_computation():
     gradnorm = GradNorm(initial, alpha=1.5, lr=0.1)
     # the first step's losses become L_i(0); use them as the reference of the hand computation
     logged = gradnorm.step(torch.tensor(losses), torch.tensor(norms))
-    l_grad, expected = _gradnorm_by_hand(initial, norms, losses, losses, 1.5, 0.1, 3.2)
+    l_grad, expected, _ = _gradnorm_by_hand(initial, norms, losses, losses, 1.5, 0.1, 3.2)
     assert logged["gradnorm_loss"].item() == pytest.approx(l_grad, rel=1e-6)
     np.testing.assert_allclose(gradnorm.lambdas.numpy(), expected, rtol=1e-6)
     assert gradnorm.lambdas.sum().item() == pytest.approx(3.2)
@@ -138,15 +143,65 @@ def test_gradnorm_update_matches_a_hand_computation():
     reference = [0.8 * a + 0.2 * b for a, b in zip(losses, later)]
     before = gradnorm.lambdas.tolist()
     logged = gradnorm.step(torch.tensor(later), torch.tensor(norms))
-    l_grad, expected = _gradnorm_by_hand(before, norms, later, reference, 1.5, 0.1, 3.2)
+    l_grad, expected, _ = _gradnorm_by_hand(before, norms, later, reference, 1.5, 0.1, 3.2)
     np.testing.assert_allclose(gradnorm.initial_losses.numpy(), reference, rtol=1e-6)
     np.testing.assert_allclose(gradnorm.lambdas.numpy(), expected, rtol=1e-6)
 
 
+def test_gradnorm_reference_starts_when_a_term_first_becomes_active():
+    # the detail term (index 1) has no pairs on the first two batches: its L(0) must start at its first active
+    # loss (2.0), then follow the EMA; seeding it with the inactive 0 would give 0.4 and inflate r_det
+    initial, norms = [1.0, 1.5, 0.35, 0.35], [2.0, 1.0, 4.0, 0.5]
+    steps = [
+        ([1.0, 0.0, 0.5, 1.0], [True, False, True, True]),
+        ([0.8, 0.0, 0.4, 0.9], None),  # active inferred: a zero loss is inactive
+        ([0.9, 2.0, 0.5, 0.8], [True, True, True, True]),
+        ([0.7, 1.0, 0.3, 0.6], [True, True, True, True]),
+    ]
+    gradnorm = GradNorm(initial, alpha=1.5, lr=0.1, reference_steps=10, reference_momentum=0.8)
+    reference, count, w = [0.0] * 4, [0] * 4, list(initial)
+    for losses, active in steps:
+        on = active or [x > 0 for x in losses]
+        step_norms = [n if a else 0.0 for n, a in zip(norms, on)]  # an inactive term has no gradient
+        for i in range(4):  # the naive per-term reference
+            if on[i]:
+                reference[i] = losses[i] if count[i] == 0 else 0.8 * reference[i] + 0.2 * losses[i]
+                count[i] += 1
+        l_grad, w, ratios = _gradnorm_by_hand(w, step_norms, losses, reference, 1.5, 0.1, 3.2, on)
+        logged = gradnorm.step(
+            torch.tensor(losses),
+            torch.tensor(step_norms),
+            None if active is None else torch.tensor(active),
+        )
+        np.testing.assert_allclose(gradnorm.initial_losses.numpy(), reference, rtol=1e-6)
+        np.testing.assert_allclose(logged["ratio"].numpy(), ratios, rtol=1e-6)
+        assert logged["gradnorm_loss"].item() == pytest.approx(l_grad, rel=1e-6)
+        np.testing.assert_allclose(gradnorm.lambdas.numpy(), w, rtol=1e-6)
+    assert gradnorm.initial_losses[1].item() == pytest.approx(0.8 * 2.0 + 0.2 * 1.0)
+    assert gradnorm.reference_counts.tolist() == [4, 2, 4, 4]
+
+
+def test_gradnorm_reference_freezes_per_term_and_old_checkpoints_load():
+    gradnorm = GradNorm([1.0, 1.0], reference_steps=2, reference_momentum=0.5)
+    gradnorm.step(torch.tensor([4.0, 0.0]), torch.ones(2))
+    gradnorm.step(torch.tensor([2.0, 8.0]), torch.ones(2))
+    gradnorm.step(torch.tensor([1.0, 4.0]), torch.ones(2))  # term 0 frozen after 2 active steps, term 1 not
+    gradnorm.step(torch.tensor([1.0, 1.0]), torch.ones(2))
+    np.testing.assert_allclose(gradnorm.initial_losses.numpy(), [3.0, 6.0])
+    # a checkpoint written before per-term counts: terms with a reference counted every step
+    state = {k: v for k, v in gradnorm.state_dict().items() if k != "reference_counts"}
+    restored = GradNorm([1.0, 1.0], reference_steps=2)
+    restored.load_state_dict(state)
+    assert restored.reference_counts.tolist() == [2, 2]
+
+
 def test_gradnorm_pieces_by_hand():
     ratios = loss_ratios(torch.tensor([2.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 0.0]))
-    # inverse training rates 2, 1, and 1 for the never-active task; mean 4/3
-    np.testing.assert_allclose(ratios.numpy(), [1.5, 0.75, 0.75], rtol=1e-6)
+    # inverse training rates 2 and 1 (mean 3/2); the never-active task is left out of the mean, ratio 1
+    np.testing.assert_allclose(ratios.numpy(), [4 / 3, 2 / 3, 1.0], rtol=1e-6)
+    # a task inactive on this step is left out too
+    ratios = loss_ratios(torch.tensor([2.0, 1.0, 0.0]), torch.ones(3), torch.tensor([True, True, False]))
+    np.testing.assert_allclose(ratios.numpy(), [4 / 3, 2 / 3, 1.0], rtol=1e-6)
     targets = gradnorm_targets(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]), torch.ones(2), alpha=2.0)
     np.testing.assert_allclose(targets.numpy(), [2.0, 2.0])
     assert gradnorm_loss(torch.tensor([1.0, 3.0]), targets).item() == 2.0

@@ -14,7 +14,12 @@ Choices (see README):
 * w is updated by plain SGD, clamped positive and renormalised to its initial sum (the paper's starting
   lambdas 1 / 1.5 / 0.35 / 0.35 are not uniform, so "sum = number of tasks" would not fit).
 * L_i(0) is an exponential moving average of the first ``reference_steps`` losses, then frozen: one batch's
-  loss is too noisy a reference for every later ratio.
+  loss is too noisy a reference for every later ratio. Each term's reference starts when that term is first
+  active (Eq. 3 has no pairs on a batch without boxed phrases): seeding it with an inactive batch's 0 would make
+  the reference too small and inflate that term's ratio for the whole run.
+* A term inactive on a step (its loss carries no signal there) takes no part in that step's ratios and targets:
+  the mean over tasks in r_i and in mean(G) runs over the active terms only, and its own weight gets no
+  GradNorm gradient (it is still renormalised with the others).
 """
 
 from __future__ import annotations
@@ -25,18 +30,35 @@ import torch
 from torch import nn
 
 
-def loss_ratios(losses: torch.Tensor, initial_losses: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)). A task whose reference loss is 0 (never active) gets ratio 1."""
-    active = initial_losses > eps
-    inverse_rate = torch.where(active, losses / initial_losses.clamp_min(eps), torch.ones_like(losses))
-    return inverse_rate / inverse_rate.mean().clamp_min(eps)
+def loss_ratios(
+    losses: torch.Tensor,
+    initial_losses: torch.Tensor,
+    active: torch.Tensor | None = None,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)), the mean over the terms that are active on this step and have
+    a reference (L_j(0) > 0). Every other term gets ratio 1 (neutral)."""
+    used = initial_losses > eps
+    if active is not None:
+        used = used & active.to(torch.bool)
+    inverse_rate = losses / initial_losses.clamp_min(eps)
+    if not bool(used.any()):
+        return torch.ones_like(losses)
+    mean = inverse_rate[used].mean().clamp_min(eps)
+    return torch.where(used, inverse_rate / mean, torch.ones_like(losses))
 
 
 def gradnorm_targets(
-    grad_norms: torch.Tensor, losses: torch.Tensor, initial_losses: torch.Tensor, alpha: float
+    grad_norms: torch.Tensor,
+    losses: torch.Tensor,
+    initial_losses: torch.Tensor,
+    alpha: float,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The constant targets mean_j(G_j) * r_i^alpha (no gradient flows through them)."""
-    return (grad_norms.mean() * loss_ratios(losses, initial_losses).pow(alpha)).detach()
+    """The constant targets mean_j(G_j) * r_i^alpha, the mean over the active terms (no gradient flows through
+    them)."""
+    mean_g = grad_norms[active.to(torch.bool)].mean() if active is not None else grad_norms.mean()
+    return (mean_g * loss_ratios(losses, initial_losses, active).pow(alpha)).detach()
 
 
 def gradnorm_loss(grad_norms: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -76,7 +98,8 @@ class GradNorm(nn.Module):
         initial: starting weights, in LOSS_NAMES order (their sum is kept).
         alpha: asymmetry; 0 equalises the G_i, larger values favour the slower tasks more.
         lr: SGD learning rate of the weights.
-        reference_steps: steps over which L_i(0) is averaged (EMA with ``reference_momentum``), then frozen.
+        reference_steps: active steps of a term over which its L_i(0) is averaged (EMA with
+            ``reference_momentum``, started at the term's first active loss), then frozen.
         min_weight: weights are clamped to at least this before renormalising.
         enabled: False keeps the initial weights (fixed lambdas) while still logging G_i and r_i.
     """
@@ -102,6 +125,8 @@ class GradNorm(nn.Module):
         self.register_buffer("weights", torch.tensor([float(w) for w in initial]))
         self.register_buffer("initial_losses", torch.zeros(len(initial)))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # per term: active steps seen so far (its L_i(0) starts at the first, is frozen after reference_steps)
+        self.register_buffer("reference_counts", torch.zeros(len(initial), dtype=torch.long))
         self.total = float(sum(initial))
         self.alpha, self.lr = alpha, lr
         self.reference_steps, self.reference_momentum = reference_steps, reference_momentum
@@ -111,35 +136,62 @@ class GradNorm(nn.Module):
     def lambdas(self) -> torch.Tensor:
         return self.weights.clone()
 
-    def update_reference(self, losses: torch.Tensor) -> None:
-        """L_i(0): the first loss, then an EMA over the first ``reference_steps`` steps, then frozen."""
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kw):
+        # checkpoints from before reference_counts: every term with a reference counted the run's steps
+        key = prefix + "reference_counts"
+        if (
+            key not in state_dict
+            and prefix + "steps" in state_dict
+            and prefix + "initial_losses" in state_dict
+        ):
+            steps = state_dict[prefix + "steps"].clamp(max=self.reference_steps)
+            state_dict[key] = torch.where(state_dict[prefix + "initial_losses"] > 0, steps, 0).long()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kw)
+
+    def update_reference(self, losses: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """L_i(0), per term: its first active loss, then an EMA over its first ``reference_steps`` active steps,
+        then frozen. ``active`` (bool per term) defaults to loss > 0: a zero loss says nothing about the scale."""
         losses = losses.detach().to(self.initial_losses)
-        if int(self.steps) == 0:
-            self.initial_losses.copy_(losses)
-        elif int(self.steps) < self.reference_steps:
-            m = self.reference_momentum
-            self.initial_losses.mul_(m).add_((1 - m) * losses)
+        active = (losses > 0) if active is None else active.to(device=losses.device, dtype=torch.bool)
+        m = self.reference_momentum
+        first = active & (self.reference_counts == 0)
+        averaging = active & (self.reference_counts > 0) & (self.reference_counts < self.reference_steps)
+        self.initial_losses.copy_(
+            torch.where(
+                first,
+                losses,
+                torch.where(averaging, m * self.initial_losses + (1 - m) * losses, self.initial_losses),
+            )
+        )
+        self.reference_counts += (active & (self.reference_counts < self.reference_steps)).long()
         self.steps += 1
 
-    def step(self, losses: torch.Tensor, grad_norms: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(
+        self, losses: torch.Tensor, grad_norms: torch.Tensor, active: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """One GradNorm update from this step's losses (values) and ||grad_W L_i||; returns what to log.
 
+        ``active`` (bool per term, default loss > 0) marks the terms that carried a signal on this step.
         Call after computing the training loss with the current ``lambdas``.
         """
         losses = losses.detach().to(self.weights)
         grad_norms = grad_norms.detach().to(self.weights)
-        self.update_reference(losses)
+        active = (losses > 0) if active is None else active.to(device=losses.device, dtype=torch.bool)
+        self.update_reference(losses, active)
         with torch.enable_grad():
             w = self.weights.clone().requires_grad_(True)
             g = w * grad_norms
-            targets = gradnorm_targets(g, losses, self.initial_losses, self.alpha)
-            l_grad = gradnorm_loss(g, targets)
-            (dw,) = torch.autograd.grad(l_grad, [w])
+            if bool(active.any()):
+                targets = gradnorm_targets(g, losses, self.initial_losses, self.alpha, active)
+                l_grad = gradnorm_loss(g[active], targets[active])
+                (dw,) = torch.autograd.grad(l_grad, [w])
+            else:  # nothing to balance on this step
+                l_grad, dw = g.sum() * 0.0, torch.zeros_like(w)
         if self.enabled:
             with torch.no_grad():
                 self.weights.copy_(renormalise(self.weights - self.lr * dw, self.total, self.min_weight))
         return {
             "gradnorm_loss": l_grad.detach(),
             "G": g.detach(),
-            "ratio": loss_ratios(losses, self.initial_losses),
+            "ratio": loss_ratios(losses, self.initial_losses, active),
         }
