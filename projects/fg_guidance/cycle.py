@@ -302,14 +302,24 @@ class FineGrainedGenerator(nn.Module):
         return ddim_reconstruct(self.unet, self.scheduler, latents_t, cond, num_steps, grad_steps, **kwargs)
 
     def cycle(
-        self, images: torch.Tensor, captions: Sequence[str], num_steps: int, grad_steps: int
+        self,
+        images: torch.Tensor,
+        captions: Sequence[str],
+        num_steps: int,
+        grad_steps: int,
+        activation_checkpointing: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """x -> z_0 -> eps_T (frozen) -> z_0_hat (last K steps differentiable) -> x_hat."""
+        """x -> z_0 -> eps_T (frozen) -> z_0_hat (last K steps differentiable) -> x_hat.
+
+        ``activation_checkpointing`` recomputes each of the K differentiable UNet calls in the backward pass
+        (torch.utils.checkpoint) instead of keeping its activations; the values and gradients are the same."""
         check_steps(num_steps, grad_steps)
         latents = self.encode(images)
         cond = self.encode_text(captions)
         noise = self.invert(latents, cond, num_steps)
-        latents_hat = self.reconstruct(noise, cond, num_steps, grad_steps)
+        latents_hat = self.reconstruct(
+            noise, cond, num_steps, grad_steps, use_checkpoint=activation_checkpointing
+        )
         return {
             "latents": latents,
             "noise": noise,
