@@ -7,6 +7,7 @@ import logging
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from diffusers import DDIMInverseScheduler
 from torch.utils.data import DataLoader
@@ -15,7 +16,7 @@ from common.errors import ConfigError
 from projects.fg_guidance.captioning import caption_fidelity, token_f1
 from projects.fg_guidance.cycle import FineGrainedGenerator, check_steps
 from projects.fg_guidance.data import FineGrainedPairs, SubclassBatchSampler
-from projects.fg_guidance.encoders import patch_coverage, phrase_pairs
+from projects.fg_guidance.encoders import FrozenCLIP, patch_coverage, phrase_pairs
 from projects.fg_guidance.losses import LOSS_NAMES, total_loss
 from projects.fg_guidance.module import FineGrainedGuidance
 
@@ -113,6 +114,39 @@ def test_gradients_reach_only_the_lora_weights(module, batch):
     module.zero_grad(set_to_none=True)
 
 
+def test_activation_checkpointing_runs_the_checkpointed_path_with_equal_loss_and_gradients(
+    module, batch, monkeypatch
+):
+    from projects.fg_guidance import cycle
+
+    calls: list[int] = []
+    real = cycle.checkpoint
+    monkeypatch.setattr(cycle, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = {}
+    for enabled in (True, False):
+        monkeypatch.setitem(module.hparams, "activation_checkpointing", enabled)
+        calls.clear()
+        result = module.training_loss(batch)
+        result["loss"].backward()
+        results[enabled] = (
+            result["loss"].detach(),
+            result["norms"],
+            [p.grad.clone() for p in module.generator.lora_parameters()],
+            len(calls),
+        )
+        module.zero_grad(set_to_none=True)
+    (loss_on, norms_on, grads_on, calls_on), (loss_off, norms_off, grads_off, calls_off) = (
+        results[True],
+        results[False],
+    )
+    assert calls_on == module.hparams.grad_steps and calls_off == 0  # one checkpointed UNet call per K step
+    torch.testing.assert_close(loss_on, loss_off)
+    torch.testing.assert_close(norms_on, norms_off)
+    assert sum(float(g.abs().sum()) for g in grads_on) > 0
+    for a, b in zip(grads_on, grads_off):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_images_and_long_captions_get_clear_handling(generator, caplog):
     with pytest.raises(ValueError, match=r"RGB batches \(B, 3, H, W\)"):
         generator.encode(torch.rand(1, 1, 32, 32))
@@ -157,22 +191,99 @@ def test_missing_base_weights_say_how_to_build_them(tmp_path):
 # -- encoders and captions ---------------------------------------------------------------------------------------
 
 
-def test_phrase_pairs_pool_the_boxed_patches_and_the_phrase_tokens():
-    # 2x2 patch grid on a 32 px image; patch embeddings are the 4 axes, tokens are 5 one-hot rows
+def test_phrase_pairs_pool_the_boxed_patches_with_the_phrase_embeddings():
+    # 2x2 patch grid on a 32 px image; patch embeddings are the 4 axes, phrase embeddings given by hand
     patches = torch.eye(4)
-    tokens = torch.eye(5)[:, :4].clone()
-    tokens[4] = torch.tensor([0.0, 0.0, 1.0, 1.0])
-    caption = "red handle on a body"
-    offsets = [(0, 0), (0, 3), (4, 10), (11, 13), (14, 20)]  # BOS, "red", "handle", "on", ... per token
-    boxes = [[0, 0, 16, 32], [16, 16, 32, 32], [0, 0, 8, 8]]
-    phrases = ["red handle", "body", "missing part"]
-    z, t, used = phrase_pairs(patches, 2, tokens, offsets, caption, boxes, phrases, (32, 32))
-    assert used == ["red handle", "body"]
-    # "red handle" covers the left column (patches 0 and 2) and tokens 1-2
-    torch.testing.assert_close(z[0], torch.tensor([1.0, 0, 1.0, 0]) / 2**0.5)
-    torch.testing.assert_close(t[0], torch.tensor([0, 1.0, 1.0, 0]) / 2**0.5)
-    torch.testing.assert_close(z[1], torch.tensor([0, 0, 0, 1.0]))
+    embedded = {
+        "red handle": torch.tensor([0.0, 3.0, 4.0, 0.0]),
+        "body": torch.tensor([1.0, 0.0, 0.0, 0.0]),
+        "missing part": torch.ones(4),
+        "stem": torch.ones(4),
+        "far flange": torch.ones(4),
+    }
+    caption = "red handle on a body with a stem, far flange"
+    boxes = [[0, 0, 16, 32], [16, 16, 32, 32], [0, 0, 8, 8], [40, 40, 50, 50], [0, 0, 8, 8]]
+    phrases = ["red handle", "body", "missing part", "stem", "far flange"]
+    found = phrase_pairs(patches, 2, embedded, caption, boxes, phrases, (32, 32), visible_chars=34)
+    assert found.used == ["red handle", "body"]
+    # "red handle" covers the left column (patches 0 and 2); t is its own (normalised) embedding
+    torch.testing.assert_close(found.z[0], torch.tensor([1.0, 0, 1.0, 0]) / 2**0.5)
+    torch.testing.assert_close(found.t[0], torch.tensor([0, 0.6, 0.8, 0]))
+    torch.testing.assert_close(found.z[1], torch.tensor([0, 0, 0, 1.0]))
+    torch.testing.assert_close(found.t[1], torch.tensor([1.0, 0, 0, 0]))
+    # "far flange" ends at character 44, past the 34 the token limit keeps; the stem's box is off the image
+    assert found.dropped == {
+        "not_in_caption": ["missing part"],
+        "no_patch_coverage": ["stem"],
+        "past_token_limit": ["far flange"],
+    }
     torch.testing.assert_close(patch_coverage([[0, 0, 8, 16]], (32, 32), 2), torch.tensor([0.5, 0, 0, 0]))
+
+
+def test_maskclip_dense_features_equal_a_hand_composition_and_pooled_is_clips_own():
+    """Dense patch feature = visual_projection(post_layernorm(out_proj(v_proj(layer_norm1(x))))) for the patch
+    tokens x entering the last layer, composed here from the weights with torch.nn.functional; pooled = CLIP's
+    get_image_features."""
+    encoder = FrozenCLIP(preset="tiny")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = encoder.image_features(images)
+    clip = encoder.model
+    vision = clip.vision_model
+    pixels = encoder.preprocess(images)
+    with torch.no_grad():
+        h = vision.pre_layrnorm(vision.embeddings(pixels))
+        for layer in vision.encoder.layers[:-1]:
+            h = layer(h, None)
+        last = vision.encoder.layers[-1]
+        ln1, attn, post = last.layer_norm1, last.self_attn, vision.post_layernorm
+        x = F.layer_norm(h[:, 1:], ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
+        v = x @ attn.v_proj.weight.T + attn.v_proj.bias
+        o = v @ attn.out_proj.weight.T + attn.out_proj.bias
+        o = F.layer_norm(o, post.normalized_shape, post.weight, post.bias, post.eps)
+        dense = F.normalize(o @ clip.visual_projection.weight.T, dim=-1)
+        pooled = clip.get_image_features(pixel_values=pixels)
+        pooled = F.normalize(getattr(pooled, "pooler_output", pooled), dim=-1)
+        # the old construction (last layer's patch tokens through post-layernorm + projection) differs
+        old = clip.visual_projection(post(vision(pixel_values=pixels).last_hidden_state[:, 1:]))
+    assert features.patches.shape == (2, 16, 32) and features.grid == 4
+    torch.testing.assert_close(features.patches, dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(features.pooled, pooled, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(features.patches, F.normalize(old, dim=-1), atol=1e-3)
+
+
+def test_detail_term_skips_are_warned_once_and_counted(module, batch, caplog):
+    images = batch["image"][:3]
+    long = "a valve with " + ", ".join(f"bolt {i}" for i in range(60)) + ", a brass body and a red handle"
+    skipping = {
+        "image": images,
+        "caption": [batch["caption"][0], batch["caption"][1], long],
+        "boxes": [torch.zeros(0, 4), batch["boxes"][1], torch.tensor([[0.0, 0, 16, 16], [16, 16, 32, 32]])],
+        "phrases": [[], batch["phrases"][1], ["brass body", "red handle"]],
+        "path": ["no_boxes.png", "fine.png", "long.png"],
+    }
+    with torch.no_grad():
+        f_hat = module.encoder.image_features(images)
+    module._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="forgelab.fg_guidance"):
+        loss, pairs, skips = module._detail_term(skipping, f_hat)
+        module._detail_term(skipping, f_hat)
+    # image 0 has no boxes, image 2's two phrases lie past CLIP's 77 tokens: only image 1 has an Eq. 3 term
+    assert skips == {"images_without_pairs": 2, "phrases_past_token_limit": 2}
+    assert loss.item() > 0 and pairs == pytest.approx(len(set(batch["phrases"][1])) / 3)
+    assert caplog.text.count("past CLIP's 77 text tokens") == 1
+    assert caplog.text.count("usable (box, phrase) pair") == 1 and "no_boxes.png" in caplog.text
+
+
+def test_a_run_without_any_detail_term_warns_at_the_end(monkeypatch, caplog):
+    model = FineGrainedGuidance(preset="tiny", image_size=32, num_inference_steps=2, captioner=None)
+    monkeypatch.setattr(FineGrainedGuidance, "global_step", property(lambda self: 5))
+    model.detail_skips["images_without_pairs"] = 20
+    with caplog.at_level(logging.WARNING, logger="forgelab.fg_guidance"):
+        model.on_train_end()
+        model.detail_steps = 1
+        model._warned.clear()
+        model.on_train_end()
+    assert caplog.text.count("was 0 on every one of the 5 training steps") == 1
 
 
 def test_token_f1_and_caption_fidelity_by_hand():
@@ -238,6 +349,9 @@ def test_a_tiny_fit_decreases_the_total_loss(pairs, tmp_path):
         max_grad_norm=None,
     )
     fixed = next(iter(pairs.val_dataloader()))
+    # the last image has no boxes: Eq. 3 skips it on each of the 10 steps, and the run's metrics must say so
+    fixed["boxes"] = [*fixed["boxes"][:-1], torch.zeros(0, 4)]
+    fixed["phrases"] = [*fixed["phrases"][:-1], []]
 
     def loss_on_fixed_batch() -> float:
         with torch.no_grad():
@@ -262,6 +376,10 @@ def test_a_tiny_fit_decreases_the_total_loss(pairs, tmp_path):
     assert after < before, (before, after)
     assert (tmp_path / "generator" / "lora.safetensors").is_file()
     assert (tmp_path / "lambdas.csv").read_text().count("\n") == 11
+    logged = trainer.callback_metrics
+    assert logged["train/detail_skipped_images_without_pairs"].item() == 10
+    assert logged["train/detail_skipped_phrases_past_token_limit"].item() == 0
+    assert logged["train/detail_active_steps"].item() == 10
     assert LOSS_NAMES == ("contrast", "detail", "temporal", "env")
 
 

@@ -1,22 +1,30 @@
-"""The frozen encoders of the fine-grained loss: f (image -> z, and patches -> z_k) and g (caption -> tokens t_k).
+"""The frozen encoders of the fine-grained loss: f (image -> z, and patches -> z_k) and g (text -> t_k).
 
 Choice (README "Decisions"): one CLIP model serves as both. The paper's f is "a ViT backbone or Swin-T" for the
 patch embeddings and g a text encoder; Eq. 3 compares <z_k, t_j>, which only means something when patches and
-tokens live in one space. CLIP's vision tower patch tokens, passed through its final layer norm and visual
-projection, and its text tower's per-token states, passed through the text projection, are in CLIP's joint space
-(the construction FILIP and MaskCLIP use). All embeddings are L2-normalised, so D in Eq. 2 lies in [0, 2] and
-S_kj in Eq. 3 is a cosine.
+text live in one space. CLIP aligns only its pooled, projected embeddings: the last layer's patch tokens and the
+text tower's per-token states are not trained to be comparable. So, as in MaskCLIP (Zhou et al., ECCV 2022):
 
-Which patches go with which tokens (Eq. 3 needs row k of both to name the same part): the captioned datasets
-give part boxes with noun phrases that occur in the caption ("brass body", "red lever handle", "bolt"). For each
-distinct phrase, z_k is the mean of the patch embeddings weighted by how much of each patch its boxes cover,
-and t_k the mean of the caption's token embeddings over the phrase's characters. Images without boxes give no
-pairs (and no detail term).
+* dense image side: the value-embedding path of the last attention block. For each patch token x (the input of
+  the last encoder layer), v = W_v(LN_1(x)), then the block's out_proj; nothing from q/k (no attention mixing),
+  no residual and no MLP; then CLIP's final post-layernorm and visual projection, the same two maps the pooled
+  [CLS] embedding takes into the joint space (``maskclip_patch_features``);
+* text side: the projected pooled (EOS) embedding of each phrase on its own (``FrozenCLIP.text_embedding``).
+
+All embeddings are L2-normalised, so D in Eq. 2 lies in [0, 2] and S_kj in Eq. 3 is a cosine. The pooled image
+embedding z = f(x) (Eq. 2, 4, 5) is CLIP's ordinary one.
+
+Which patches go with which text (Eq. 3 needs row k of both to name the same part): the captioned datasets give
+part boxes with noun phrases that occur in the caption ("brass body", "red lever handle", "bolt"). For each
+distinct phrase, z_k is the mean of the dense patch embeddings weighted by how much of each patch its boxes
+cover, and t_k the phrase's embedding. A phrase is used only when it lies within the caption's first 77 CLIP
+tokens (the generator's conditioning is cut there, so a later phrase does not describe what x_hat was asked
+for); phrases dropped, and why, are returned so the module can count them. Images without boxes give no pairs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,15 +39,40 @@ from projects.fg_guidance.degradations import box_mask
 @dataclass
 class ImageFeatures:
     pooled: torch.Tensor  # (B, d) unit vectors: z = f(x)
-    patches: torch.Tensor  # (B, P, d) unit vectors, row-major over a (grid, grid) layout
+    patches: (
+        torch.Tensor
+    )  # (B, P, d) unit vectors (MaskCLIP dense features), row-major over a (grid, grid) layout
     grid: int
 
 
+def maskclip_patch_features(
+    vision_model: nn.Module, visual_projection: nn.Module, pixel_values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled, dense) joint-space features of a transformers CLIP vision tower (``CLIPModel.vision_model`` or
+    ``CLIPVisionModelWithProjection.vision_model``, with its ``visual_projection``), not normalised.
+
+    pooled (B, d): CLIP's own image embedding, visual_projection(post_layernorm([CLS] of the last layer)).
+    dense (B, P, d): MaskCLIP's per-patch features from the last block's value path,
+    visual_projection(post_layernorm(out_proj(v_proj(layer_norm1(x))))) for the patch tokens x entering the last
+    encoder layer (the [CLS] token dropped).
+    """
+    out = vision_model(pixel_values=pixel_values, output_hidden_states=True)
+    pooled = visual_projection(out.pooler_output)
+    last = vision_model.encoder.layers[-1]
+    tokens = out.hidden_states[-2][:, 1:]  # the last layer's input, patch tokens only
+    value = last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(tokens)))
+    dense = visual_projection(vision_model.post_layernorm(value))
+    return pooled, dense
+
+
 @dataclass
-class TextTokens:
-    tokens: torch.Tensor  # (B, L, d) unit vectors, one per token position (padding included)
-    offsets: list[list[tuple[int, int]]]  # character span of each token in its caption ((0, 0) for specials)
-    truncated: int  # captions longer than the encoder's limit
+class PhrasePairs:
+    """Eq. 3's K (patch, text) pairs of one image and the phrases that could not be used."""
+
+    z: torch.Tensor  # (K, d) unit-norm box-weighted dense patch embeddings
+    t: torch.Tensor  # (K, d) unit-norm phrase embeddings
+    used: list[str]
+    dropped: dict[str, list[str]]  # reason -> phrases: not_in_caption, past_token_limit, no_patch_coverage
 
 
 class FrozenCLIP(nn.Module):
@@ -78,10 +111,9 @@ class FrozenCLIP(nn.Module):
         return (images - self.mean) / self.std
 
     def image_features(self, images: torch.Tensor) -> ImageFeatures:
-        vision = self.model.vision_model(pixel_values=self.preprocess(images))
-        pooled = self.model.visual_projection(vision.pooler_output)
-        patch_states = self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
-        patches = self.model.visual_projection(patch_states)
+        pooled, patches = maskclip_patch_features(
+            self.model.vision_model, self.model.visual_projection, self.preprocess(images)
+        )
         grid = round(patches.shape[1] ** 0.5)
         return ImageFeatures(F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1), grid)
 
@@ -89,28 +121,29 @@ class FrozenCLIP(nn.Module):
         """z = f(x): the pooled, projected, unit-norm image embedding."""
         return self.image_features(images).pooled
 
-    def text_tokens(self, captions: Sequence[str]) -> TextTokens:
-        limit = self.tokenizer.model_max_length
+    @property
+    def token_limit(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def visible_chars(self, captions: Sequence[str]) -> list[int]:
+        """Per caption, the character position where CLIP's token limit (77 with [BOS] and [EOS]) cuts it:
+        len(caption) when it fits, else the end of its last token that is kept."""
         encoded = self.tokenizer(
-            list(captions),
-            padding="max_length",
-            truncation=True,
-            max_length=limit,
-            return_offsets_mapping=True,
-            return_overflowing_tokens=False,
-            return_tensors="pt",
+            list(captions), truncation=True, max_length=self.token_limit, return_offsets_mapping=True
         )
         full = self.tokenizer(list(captions), truncation=False)["input_ids"]
-        device = self.mean.device
-        with torch.no_grad():
-            states = self.model.text_model(input_ids=encoded.input_ids.to(device)).last_hidden_state
-            tokens = F.normalize(self.model.text_projection(states), dim=-1)
-        offsets = [[(int(a), int(b)) for a, b in row] for row in encoded.offset_mapping.tolist()]
-        return TextTokens(tokens, offsets, sum(len(ids) > limit for ids in full))
+        ends = []
+        for caption, ids, offsets in zip(captions, full, encoded["offset_mapping"]):
+            if len(ids) <= self.token_limit:
+                ends.append(len(caption))
+            else:
+                ends.append(max((int(b) for a, b in offsets if b > a), default=0))
+        return ends
 
     @torch.no_grad()
     def text_embedding(self, texts: Sequence[str]) -> torch.Tensor:
-        """t = g(c): pooled, projected, unit-norm caption embeddings (used for the caption-fidelity score)."""
+        """t = g(c): pooled (EOS), projected, unit-norm text embeddings, CLIP's joint space: the phrases of Eq. 3
+        and the caption-fidelity score. Texts longer than the token limit are cut there."""
         encoded = self.tokenizer(
             list(texts),
             padding=True,
@@ -136,36 +169,45 @@ def patch_coverage(boxes: Sequence[Sequence[float]], image_size: tuple[int, int]
 def phrase_pairs(
     patches: torch.Tensor,
     grid: int,
-    tokens: torch.Tensor,
-    offsets: Sequence[tuple[int, int]],
+    phrase_embeddings: Mapping[str, torch.Tensor],
     caption: str,
     boxes: Sequence[Sequence[float]],
     phrases: Sequence[str],
     image_size: tuple[int, int],
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Eq. 3's K (patch, token) embedding pairs of one image: one row per distinct phrase that has boxes, occurs
-    in the caption within the encoder's token limit, and covers at least part of a patch.
+    visible_chars: int | None = None,
+) -> PhrasePairs:
+    """Eq. 3's K (patch, text) embedding pairs of one image: one row per distinct phrase that has boxes, occurs
+    in the caption and ends within its first ``visible_chars`` characters (the part CLIP's token limit keeps;
+    None: all of it), and covers at least part of a patch.
 
-    Returns z (K, d) and t (K, d), both unit-norm, and the phrases used.
+    ``patches`` (P, d) are the image's dense patch embeddings on a (grid, grid) layout, ``phrase_embeddings``
+    maps each phrase to its (d,) text embedding. z_k is the coverage-weighted mean of the patches under the
+    phrase's boxes, t_k its embedding; both unit-norm.
     """
     by_phrase: dict[str, list[Sequence[float]]] = {}
     for box, phrase in zip(boxes, phrases):
         by_phrase.setdefault(phrase, []).append(box)
     lowered = caption.lower()
+    limit = len(caption) if visible_chars is None else visible_chars
     z_rows, t_rows, used = [], [], []
+    dropped: dict[str, list[str]] = {}
     for phrase, phrase_boxes in by_phrase.items():
         start = lowered.find(phrase.lower())
         if start < 0:
+            dropped.setdefault("not_in_caption", []).append(phrase)
             continue
-        end = start + len(phrase)
-        in_span = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if start + len(phrase) > limit:
+            dropped.setdefault("past_token_limit", []).append(phrase)
+            continue
         weights = patch_coverage(phrase_boxes, image_size, grid).to(patches)
-        if not in_span or float(weights.sum()) <= 0:
+        if float(weights.sum()) <= 0:
+            dropped.setdefault("no_patch_coverage", []).append(phrase)
             continue
         z_rows.append((weights[:, None] * patches).sum(0) / weights.sum())
-        t_rows.append(tokens[in_span].mean(0))
+        t_rows.append(phrase_embeddings[phrase].to(patches))
         used.append(phrase)
     d = patches.shape[-1]
     if not used:
-        return patches.new_zeros(0, d), tokens.new_zeros(0, d), []
-    return F.normalize(torch.stack(z_rows), dim=-1), F.normalize(torch.stack(t_rows), dim=-1), used
+        return PhrasePairs(patches.new_zeros(0, d), patches.new_zeros(0, d), [], dropped)
+    z = F.normalize(torch.stack(z_rows), dim=-1)
+    return PhrasePairs(z, F.normalize(torch.stack(t_rows), dim=-1), used, dropped)

@@ -9,10 +9,11 @@ One training step (the LightningModule only orchestrates; the maths is in losses
    (degradations.py, differentiable, seeded per step);
 4. the four terms on the frozen CLIP encoder (README "Equation -> function"):
    Eq. 2 over all pairs (x_hat_i, x_j) of the batch, y = same subclass;
-   Eq. 3 between x_hat's part patches and c's phrase tokens;
+   Eq. 3 between x_hat's MaskCLIP dense part patches and the embeddings of c's part phrases (images without
+   2 usable pairs, and phrases past CLIP's 77 tokens, are warned about once and counted);
    Eq. 4 between f(x) and f(x'); Eq. 5 between f(x) and f(A_e(x_hat)), averaged over e;
 5. GradNorm: ||grad L_i|| on x_hat (or on the LoRA weights), L_total = sum lambda_i L_i (Eq. 1) with the current
-   lambdas, backward into theta only, then the lambdas' own GradNorm update.
+   lambdas, backward into theta only, then the lambdas' own GradNorm update (on the terms active on this batch).
 
 Validation runs the cycle without gradients, re-captions x_hat with the frozen captioner (c_hat), and logs the
 caption fidelity, the cycle's reconstruction error and a grid of x / x_hat / x' / A_e(x_hat) with c and c_hat.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +36,7 @@ import lightning as L
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
 
 from common.backbones.registry import default_id
 from common.errors import ConfigError
@@ -54,6 +57,20 @@ from projects.fg_guidance.losses import (
 )
 
 log = logging.getLogger("forgelab.fg_guidance")
+
+# what Eq. 3 can skip: images with fewer than 2 pairs, phrases by reason (encoders.phrase_pairs)
+DETAIL_SKIPS = (
+    "images_without_pairs",
+    "phrases_past_token_limit",
+    "phrases_not_in_caption",
+    "phrases_no_patch_coverage",
+)
+
+DROP_REASONS = {
+    "past_token_limit": "lie past CLIP's {limit} text tokens in their caption",
+    "not_in_caption": "do not occur in their caption",
+    "no_patch_coverage": "have boxes that cover no patch",
+}
 
 PAPER_LAMBDAS = (
     1.0,
@@ -191,6 +208,10 @@ class FineGrainedGuidance(L.LightningModule):
         )
         self.register_buffer("initial_lambdas", torch.tensor(lambdas, dtype=torch.float32), persistent=False)
         self.lambda_history: list[list[float]] = []
+        # what Eq. 3 skipped over the whole fit (logged as train/detail_skipped_*, kept in checkpoints)
+        self.detail_skips: Counter[str] = Counter()
+        self.detail_steps = 0  # training steps on which Eq. 3 was active
+        self._warned: set[str] = set()
 
     def setup(self, stage: str) -> None:
         data_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
@@ -222,9 +243,11 @@ class FineGrainedGuidance(L.LightningModule):
             x_hat, list(hp.temporal), tuple(hp.severity), generator
         )
         f_aged = self.encoder.image_features(aged)
+        temporal_active = True
         if hp.temporal_masked:
             weights = F.adaptive_avg_pool2d(mask, f_x.grid).flatten(1)
             l_temporal = temporal_consistency_loss(f_x.patches, f_aged.patches, weights)
+            temporal_active = bool((weights.sum(-1) > 0).any())
         else:
             l_temporal = temporal_consistency_loss(f_x.pooled, f_aged.pooled)
 
@@ -249,8 +272,8 @@ class FineGrainedGuidance(L.LightningModule):
         same = (labels[i] == labels[j]).long().repeat(len(partners))
         l_contrast = contrastive_loss(z_a, z_b, same, hp.margin)
 
-        # Eq. 3: part patches of x_hat against the caption's phrase tokens.
-        l_detail, pairs = self._detail_term(batch, f_hat)
+        # Eq. 3: x_hat's dense patches under each part's boxes against the part phrase's text embedding.
+        l_detail, pairs, skips = self._detail_term(batch, f_hat)
 
         terms = torch.stack([l_contrast, l_detail, l_temporal, l_env])
         aux = {
@@ -258,39 +281,80 @@ class FineGrainedGuidance(L.LightningModule):
             "temporal_names": temporal_names,
             "env_images": env_images,
             "detail_pairs": pairs,
+            "detail_skips": skips,
             "parts": [l_contrast, l_detail, l_temporal, l_env],
+            # which terms carried a signal on this batch (GradNorm starts and averages only those)
+            "active": torch.tensor([True, pairs > 0, temporal_active, True]),
         }
         return terms, aux
 
-    def _detail_term(self, batch: dict[str, Any], f_hat: ImageFeatures) -> tuple[torch.Tensor, float]:
-        text = self.encoder.text_tokens(batch["caption"])
+    def _detail_term(
+        self, batch: dict[str, Any], f_hat: ImageFeatures
+    ) -> tuple[torch.Tensor, float, Counter[str]]:
+        """Eq. 3 averaged over the images with at least 2 (patch, phrase) pairs, the pairs per image, and what
+        was skipped: images without a detail term, phrases dropped (by reason; see encoders.phrase_pairs)."""
         image_size = tuple(batch["image"].shape[-2:])
-        losses, pairs = [], 0
+        phrases = sorted({p for row in batch["phrases"] for p in row})
+        embedded = dict(zip(phrases, self.encoder.text_embedding(phrases))) if phrases else {}
+        visible = self.encoder.visible_chars(batch["caption"])
+        losses, pairs, skips = [], 0, Counter()
         for i, caption in enumerate(batch["caption"]):
             boxes = batch["boxes"][i].tolist() if len(batch["boxes"][i]) else []
-            z, t, used = phrase_pairs(
+            found = phrase_pairs(
                 f_hat.patches[i],
                 f_hat.grid,
-                text.tokens[i],
-                text.offsets[i],
+                embedded,
                 caption,
                 boxes,
                 batch["phrases"][i],
                 image_size,
+                visible_chars=visible[i],
             )
-            if len(used) >= 2:  # with one pair there is nothing to contrast against
-                losses.append(detail_alignment_loss(z, t, self.hparams.tau))
-                pairs += len(used)
+            for reason, dropped in found.dropped.items():
+                skips[f"phrases_{reason}"] += len(dropped)
+                self._warn_once(
+                    reason,
+                    "Eq. 3: phrase(s) %s of %r %s and are left out (counted in */detail_skipped_phrases_%s; "
+                    "warned once)",
+                    dropped,
+                    caption[:60],
+                    DROP_REASONS[reason].format(limit=self.encoder.token_limit),
+                    reason,
+                )
+            if len(found.used) >= 2:  # with one pair there is nothing to contrast against
+                losses.append(detail_alignment_loss(found.z, found.t, self.hparams.tau))
+                pairs += len(found.used)
+            else:
+                skips["images_without_pairs"] += 1
+                self._warn_once(
+                    "images_without_pairs",
+                    "Eq. 3: %s has %d usable (box, phrase) pair(s); the detail term needs 2 and is 0 for it "
+                    "(counted in */detail_skipped_images_without_pairs; warned once)",
+                    batch.get("path", ["an image"] * len(batch["caption"]))[i],
+                    len(found.used),
+                )
         if not losses:
-            return f_hat.pooled.new_zeros(()), 0.0
-        return torch.stack(losses).mean(), pairs / len(batch["caption"])
+            return f_hat.pooled.new_zeros(()), 0.0, skips
+        return torch.stack(losses).mean(), pairs / len(batch["caption"]), skips
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            if rank_zero_only.rank == 0:
+                log.warning(message, *args)
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_loss(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One training step's forward: the cycle, the four terms, Eq. 1 with the current lambdas, and the
         per-term gradient norms GradNorm needs (benchmarks/fg_cycle.py times exactly this plus the backward)."""
         hp = self.hparams
-        out = self.generator.cycle(batch["image"], batch["caption"], hp.num_inference_steps, hp.grad_steps)
+        out = self.generator.cycle(
+            batch["image"],
+            batch["caption"],
+            hp.num_inference_steps,
+            hp.grad_steps,
+            activation_checkpointing=hp.activation_checkpointing,
+        )
         terms, aux = self.loss_terms(batch, out["x_hat"], self._step_generator("train"))
         lambdas = self.gradnorm.lambdas.to(terms)
         shared = [out["x_hat"]] if hp.gradnorm_on == "image" else self.generator.lora_parameters()
@@ -318,7 +382,9 @@ class FineGrainedGuidance(L.LightningModule):
         if hp.max_grad_norm:
             self.clip_gradients(optimiser, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
         optimiser.step()
-        gradnorm_log = self.gradnorm.step(terms.detach(), result["norms"])
+        gradnorm_log = self.gradnorm.step(terms.detach(), result["norms"], aux["active"])
+        self.detail_skips.update(aux["detail_skips"])
+        self.detail_steps += int(aux["detail_pairs"] > 0)
 
         size = len(batch["caption"])
         values = {"train/loss": loss, "train/loss_initial_lambdas": total_loss(terms, self.initial_lambdas)}
@@ -326,6 +392,7 @@ class FineGrainedGuidance(L.LightningModule):
             values[f"train/{name}"] = terms[i]
             values[f"train/lambda_{name}"] = lambdas[i]
             values[f"train/gradnorm_G_{name}"] = gradnorm_log["G"][i]
+            values[f"train/gradnorm_ratio_{name}"] = gradnorm_log["ratio"][i]
         values["train/gradnorm_loss"] = gradnorm_log["gradnorm_loss"]
         values["train/detail_pairs_per_image"] = aux["detail_pairs"]
         values["train/cycle_latent_error"] = _relative_error(out["latents_hat"], out["latents"])
@@ -333,6 +400,12 @@ class FineGrainedGuidance(L.LightningModule):
             {k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}, batch_size=size
         )
         self.log("train/total", loss.detach(), prog_bar=True, logger=False, batch_size=size)
+        # running totals since the fit started (the last logged value, i.e. the W&B summary, is the run's count);
+        # summed over DDP ranks
+        totals = {"train/detail_active_steps": float(self.detail_steps)}
+        for key in DETAIL_SKIPS:
+            totals[f"train/detail_skipped_{key}"] = float(self.detail_skips[key])
+        self.log_dict(totals, batch_size=size, reduce_fx="sum", sync_dist=True)
         self.lambda_history.append([step, *lambdas.tolist()])
 
     # -- validation ----------------------------------------------------------------------------------------------
@@ -351,6 +424,8 @@ class FineGrainedGuidance(L.LightningModule):
             values[f"val/{name}"] = terms[i]
         values["val/cycle_latent_error"] = _relative_error(out["latents_hat"], out["latents"])
         values["val/cycle_pixel_mae"] = (out["x_hat"] - batch["image"]).abs().mean()
+        skips = {f"val/detail_skipped_{k}": float(aux["detail_skips"][k]) for k in DETAIL_SKIPS}
+        self.log_dict(skips, batch_size=size, reduce_fx="sum", sync_dist=True)  # per validation epoch
         recaptions: list[str] = []
         if self.captioner is not None and batch_idx < hp.caption_batches:
             recaptions = self.captioner(out["x_hat"])
@@ -407,6 +482,22 @@ class FineGrainedGuidance(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k or k.startswith("gradnorm.")
         }
+        checkpoint["fg_detail_skips"] = {**self.detail_skips, "active_steps": self.detail_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counts = dict(checkpoint.get("fg_detail_skips", {}))
+        self.detail_steps = int(counts.pop("active_steps", 0))
+        self.detail_skips = Counter({k: int(v) for k, v in counts.items()})
+
+    def on_train_end(self) -> None:
+        if self.global_step > 0 and self.detail_steps == 0:
+            self._warn_once(
+                "never_active",
+                "Eq. 3 (the detail term) was 0 on every one of the %d training steps: no training image had 2 "
+                "usable (box, phrase) pairs (skips: %s)",
+                int(self.global_step),
+                dict(self.detail_skips) or "none",
+            )
 
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
