@@ -1,18 +1,26 @@
-"""Fine-grained guidance: memory and time of one training step vs the number of DDIM steps T, and the cycle error.
+"""Fine-grained guidance: memory and time of a training step vs T and K, and the cycle error.
 
-1. One training step of projects.fg_guidance (cycle + the four loss terms + GradNorm's gradient norms + backward
-   into the LoRA weights + optimiser step) at T = 10, 25, 50 with K = 1 gradient step, each T in a fresh process:
-   peak resident memory above the process's footprint just before the step (RSS sampled every 0.5 ms during
-   the step) and the wall time of a second step. Target: peak(T=50) / peak(T=10) <= 1.1 (gradients are kept
-   for the last K steps only, with activation checkpointing, so memory must not grow with T).
+1. Training steps of projects.fg_guidance (cycle + the four loss terms + GradNorm's gradient norms + backward into
+   the LoRA weights + optimiser step), each configuration in a fresh process:
+   * a T sweep (T = 10, 25, 50 DDIM steps) at K = 1;
+   * a K sweep (K = `grad_steps`, the last reverse DDIM steps that keep gradients, K = 1, 2, 3) at one T, with
+     activation checkpointing of the K UNet calls on and off.
+   The first step's peak is mostly one-time overhead (allocator growth, lazy initialisation), so it is reported
+   alone and the steady state is measured from the second step on (the largest peak over steps 2..n):
+   * CPU: peak resident memory above the RSS just before the step (sampled every 0.5 ms), and the activation
+     bytes the autograd graph holds for backward at the end of the forward (saved-tensor hooks, parameters
+     excluded, each storage once): the part that must not grow with T;
+   * GPU (when present): torch.cuda.max_memory_allocated after reset_peak_memory_stats, above the memory
+     allocated just before the step.
+   Target: steady peak(T=50) / peak(T=10) <= 1.1 (gradients are kept for the last K steps only).
 2. The cycle with no training (LoRA at zero): DDIM inversion then reconstruction of toy-world validation images,
-   relative latent error ||z_hat - z|| / ||z|| and pixel MAE, at T = 10, 25, 50; the VAE's own reconstruction
-   error is printed alongside (the cycle cannot beat it).
+   relative latent error ||z_hat - z|| / ||z|| and pixel MAE, at each T; the VAE's own reconstruction error is
+   printed alongside (the cycle cannot beat it).
 
 Tiny generator on the toy world (the architecture of the tiny preset with the toy world's fitted weights,
-data/fg_toy_diffusion, fitted first if missing), CPU, batch of 4 images of 32 px.
+data/fg_toy_diffusion, fitted first if missing), batch of 4 images of 32 px.
 
-    python benchmarks/fg_cycle.py [--steps 10 25 50] [--grad-steps 1]
+    python benchmarks/fg_cycle.py [--steps 10 25 50] [--grad-steps 1 2 3] [--k-sweep-t 25] [--measure-steps 3]
 """
 
 from __future__ import annotations
@@ -61,6 +69,31 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_bytes())
 
 
+class SavedActivations:
+    """Bytes autograd saves for backward while active (each storage once, the given parameters excluded)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude, self.storages = exclude, {}
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.exclude:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> SavedActivations:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
 def _batch(n: int, size: int) -> dict:
     from projects.fg_guidance.data import FineGrainedPairs
 
@@ -75,37 +108,63 @@ def _batch(n: int, size: int) -> dict:
     return next(iter(data.val_dataloader()))
 
 
-def child_step(steps: int, grad_steps: int) -> dict:
-    """One process, one T: memory of the first training step, time of the second."""
+def child_step(steps: int, grad_steps: int, checkpointing: bool, measure_steps: int) -> dict:
+    """One process, one (T, K, checkpointing): the first step alone, then the steady state of steps 2..n."""
     from projects.fg_guidance.module import FineGrainedGuidance
     from projects.fg_guidance.toy_diffusion import ensure_toy_diffusion
 
     torch.manual_seed(0)
     ensure_toy_diffusion(BASE)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = FineGrainedGuidance(
         preset="tiny",
         base_weights=BASE,
         image_size=32,
         num_inference_steps=steps,
         grad_steps=grad_steps,
+        activation_checkpointing=checkpointing,
         captioner=None,
-    )
+    ).to(device)
     optimiser = torch.optim.AdamW(model.generator.lora_parameters(), lr=1e-3)
-    batch = _batch(4, 32)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _batch(4, 32).items()}
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    parameters |= {b.untyped_storage().data_ptr() for b in model.buffers()}
 
-    def step() -> None:
-        result = model.training_loss(batch)
+    def step() -> int:
+        with SavedActivations(parameters) as saved:
+            result = model.training_loss(batch)
         optimiser.zero_grad()
         result["loss"].backward()
         optimiser.step()
-        model.gradnorm.step(result["terms"].detach(), result["norms"])
+        model.gradnorm.step(result["terms"].detach(), result["norms"], result["aux"]["active"])
+        return saved.bytes
 
-    before = _rss_bytes()
-    with PeakRSS() as peak:
-        step()
-    start = time.perf_counter()
-    step()
-    return {"peak_mb": (peak.peak - before) / 2**20, "seconds": time.perf_counter() - start}
+    def measured() -> dict:
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            cuda_before = torch.cuda.memory_allocated()
+        before = _rss_bytes()
+        start = time.perf_counter()
+        with PeakRSS() as peak:
+            saved = step()
+            if cuda:
+                torch.cuda.synchronize()
+        row = {
+            "rss_mb": (peak.peak - before) / 2**20,
+            "saved_mb": saved / 2**20,
+            "seconds": time.perf_counter() - start,
+        }
+        if cuda:
+            row["cuda_mb"] = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
+        return row
+
+    first = measured()
+    later = [measured() for _ in range(max(1, measure_steps - 1))]
+    steady = {key: max(row[key] for row in later) for key in later[0]}
+    steady["seconds"] = later[-1]["seconds"]
+    return {"first": first, "steady": steady, "device": device.type}
 
 
 @torch.no_grad()
@@ -133,10 +192,33 @@ def cycle_error(steps_list: list[int]) -> list[dict]:
     return rows
 
 
+def _run_child(args: argparse.Namespace, steps: int, grad_steps: int, checkpointing: bool) -> dict:
+    command = [sys.executable, __file__, "--child", str(steps), "--child-k", str(grad_steps)]
+    command += ["--threads", str(args.threads), "--measure-steps", str(args.measure_steps)]
+    command += [] if checkpointing else ["--no-checkpointing"]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _line(label: str, result: dict) -> str:
+    first, steady = result["first"], result["steady"]
+    text = (
+        f"  {label}: first step +{first['rss_mb']:6.1f} MB RSS | steady: +{steady['rss_mb']:6.1f} MB RSS, "
+        f"graph {steady['saved_mb']:6.2f} MB"
+    )
+    if "cuda_mb" in steady:
+        text += f", CUDA peak +{steady['cuda_mb']:7.1f} MB (first {first['cuda_mb']:7.1f})"
+    return text + f", step {steady['seconds']:5.2f} s"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
-    parser.add_argument("--grad-steps", type=int, default=1)
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50], help="the T sweep (at K = 1)")
+    parser.add_argument("--grad-steps", type=int, nargs="+", default=[1, 2, 3], help="the K sweep")
+    parser.add_argument("--k-sweep-t", type=int, default=25, help="T of the K sweep")
+    parser.add_argument(
+        "--measure-steps", type=int, default=3, help="steps per process (the first is warm-up)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -144,43 +226,46 @@ def main() -> int:
         help="torch threads (1: tiny ops are faster, and stable on a busy machine)",
     )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-k", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--no-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child is not None:
-        print(json.dumps(child_step(args.child, args.grad_steps)))
+        result = child_step(args.child, args.child_k, not args.no_checkpointing, args.measure_steps)
+        print(json.dumps(result))
         return 0
 
     from projects.fg_guidance.toy_diffusion import ensure_toy_diffusion
 
     ensure_toy_diffusion(BASE)  # fitted once, before any timing
-    print(f"one training step, K = {args.grad_steps}, batch 4 x 32 px, tiny generator (CPU)")
-    results = {}
+    device = "GPU (CUDA peaks)" if torch.cuda.is_available() else "CPU (no GPU: RSS and graph bytes)"
+    print(
+        f"training steps, batch 4 x 32 px, tiny generator, {device}; steady state = steps 2..{args.measure_steps}"
+    )
+    print("T sweep, K = 1, activation checkpointing on:")
+    by_t = {}
     for steps in args.steps:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                str(steps),
-                "--grad-steps",
-                str(args.grad_steps),
-                "--threads",
-                str(args.threads),
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        results[steps] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(
-            f"  T = {steps:3d}: peak +{results[steps]['peak_mb']:7.1f} MB   step {results[steps]['seconds']:6.2f} s"
-        )
+        by_t[steps] = _run_child(args, steps, 1, True)
+        print(_line(f"T = {steps:3d}", by_t[steps]))
     low, high = min(args.steps), max(args.steps)
-    ratio = results[high]["peak_mb"] / max(results[low]["peak_mb"], 1e-9)
-    verdict = "OK" if ratio <= 1.1 else "ABOVE TARGET"
-    print(f"peak memory ratio T={high} / T={low}: {ratio:.3f} (target <= 1.1: {verdict})")
-    print(f"step time ratio T={high} / T={low}: {results[high]['seconds'] / results[low]['seconds']:.2f}")
+    for key, what in (("rss_mb", "steady peak RSS"), ("saved_mb", "graph bytes"), ("cuda_mb", "CUDA peak")):
+        if key in by_t[low]["steady"]:
+            ratio = by_t[high]["steady"][key] / max(by_t[low]["steady"][key], 1e-9)
+            verdict = "OK" if ratio <= 1.1 else "ABOVE TARGET"
+            print(f"  {what} ratio T={high} / T={low}: {ratio:.3f} (target <= 1.1: {verdict})")
+    ratio = by_t[high]["first"]["rss_mb"] / max(by_t[low]["first"]["rss_mb"], 1e-9)
+    print(f"  first-step peak RSS ratio T={high} / T={low}: {ratio:.3f}")
+    time_ratio = by_t[high]["steady"]["seconds"] / by_t[low]["steady"]["seconds"]
+    print(f"  step time ratio T={high} / T={low}: {time_ratio:.2f}")
+
+    print(f"K sweep at T = {args.k_sweep_t} (K = reverse DDIM steps that keep gradients):")
+    for checkpointing in (True, False):
+        for k in args.grad_steps:
+            if checkpointing and k == 1 and args.k_sweep_t in by_t:
+                result = by_t[args.k_sweep_t]
+            else:
+                result = _run_child(args, args.k_sweep_t, k, checkpointing)
+            print(_line(f"K = {k}, checkpointing {'on ' if checkpointing else 'off'}", result))
 
     print("cycle with no training (DDIM inversion + reconstruction, 16 toy validation images):")
     for row in cycle_error(args.steps):
