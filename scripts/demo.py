@@ -149,14 +149,17 @@ STAGES: list[Stage] = [
     ),
     Stage(
         name="fg_table1",
-        title="Fine-grained guidance Table 1 shape: subtype accuracy without/with the generated set (tiny ResNet-101, FineLIP-style)",
+        title="Fine-grained guidance Table 1 shape: subtype accuracy without/with the generated set, step-matched, 3 seeds (tiny ResNet-101, FineLIP-style)",
         command=[
             "fg-table1",
             f"--augmented={RUNS}/fg_guidance/fg_augmented/manifest.jsonl",
-            "--preset=tiny",
-            "--trainer.max_epochs=3",
-            "--data.init_args.image_size=64",
-            "--data.init_args.num_workers=0",
+            "--method-config=ResNet-101=configs/fg_guidance/table1_toy_resnet101.yaml",
+            "--method-config=FineLIP=configs/fg_guidance/table1_toy_finelip.yaml",
+            "--seeds",
+            "0",
+            "1",
+            "2",
+            "--parallel=2",  # two (without, with) pairs at once, one core each
         ],
         project="fg_guidance",
         run_name="fg_table1",

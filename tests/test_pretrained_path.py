@@ -253,6 +253,7 @@ def test_fine_grained_pipeline_fit_augment_table1_on_pretrained_weights(
             f"--trainer={CPU}",
             f"--root={tmp_path}",
             "--name=table1",
+            "--seeds=0",
             "--no-wandb",
             "--trainer.max_steps=1",
             "--trainer.limit_val_batches=1",

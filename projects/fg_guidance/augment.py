@@ -3,8 +3,9 @@
     forgelab augment --generator runs/fg_guidance/<run>/generator \\
         --manifest data/toy_world/parts/manifest.jsonl --out data/fg_augmented/<name> --fraction 0.5
 
-For up to ``fraction`` x the training set (the paper: +50 %), a source image is chosen (round robin over the
-subclasses, so every subclass grows alike), inverted with its own caption and regenerated (`FineGrainedGenerator
+For ``fraction`` x the training set (the paper: +50 %), a source image is chosen (``--balance proportional``, the
+default: ``fraction`` x each subclass's own images, so every subclass grows by the same factor; ``balanced``: the
+same number for every subclass), inverted with its own caption and regenerated (`FineGrainedGenerator
 .edit`) with a prompt of one of three kinds, in turn:
 
 * ``view``: the caption plus a viewpoint ("seen from the left", ...), the paper's multi-view variants (Fig. 3);
@@ -35,7 +36,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,39 @@ def variant_prompt(caption: str, kind: str, index: int) -> str:
     return f"{caption.rstrip('. ')}, {conditions[index % len(conditions)]}"
 
 
+BALANCES = ("proportional", "balanced")
+
+
+def class_quotas(counts: dict[str, int], fraction: float, balance: str = "proportional") -> dict[str, int]:
+    """Images to generate per subclass, floor(fraction * N) in all. ``proportional`` (the paper's "+50 %" read per
+    class, the default): subclass c gets fraction * n_c, rounded by largest remainder (ties: sorted name) so the
+    total is exact; every subclass grows by the same factor. ``balanced``: every subclass the same number (+-1, the
+    first names in sorted order take the remainder), so small subclasses grow far more than ``fraction``."""
+    if balance not in BALANCES:
+        raise ConfigError(f"--balance must be one of {list(BALANCES)}, got {balance!r}")
+    names = sorted(counts)
+    total = int(fraction * sum(counts.values()))
+    if balance == "balanced":
+        share, extra = divmod(total, len(names))
+        return {name: share + (i < extra) for i, name in enumerate(names)}
+    exact = {name: fraction * counts[name] for name in names}
+    quotas = {name: int(value) for name, value in exact.items()}
+    by_remainder = sorted(names, key=lambda name: (-(exact[name] - quotas[name]), name))
+    for name in by_remainder[: total - sum(quotas.values())]:
+        quotas[name] += 1
+    return quotas
+
+
 def plan_jobs(
-    samples: list[CaptionedSample], fraction: float, kinds: tuple[str, ...], seed: int
+    samples: list[CaptionedSample],
+    fraction: float,
+    kinds: tuple[str, ...],
+    seed: int,
+    balance: str = "proportional",
 ) -> list[Job]:
-    """floor(fraction * N) jobs: sources round robin over subclasses (shuffled within each, seeded), prompt
-    kinds in turn, one seed per job. Deterministic for (samples, fraction, kinds, seed)."""
+    """floor(fraction * N) jobs, ``class_quotas`` per subclass: sources interleaved over the subclasses that still
+    have quota (shuffled within each, seeded; a source is reused only when a quota exceeds its subclass, which
+    ``balanced`` allows), prompt kinds in turn, one seed per job. Deterministic for the arguments."""
     if not 0 < fraction <= 0.5:
         raise ConfigError(f"--fraction must be in (0, 0.5] (the paper augments by +50 %), got {fraction}")
     if not kinds:
@@ -103,18 +132,16 @@ def plan_jobs(
         name: [members[i] for i in rng.permutation(len(members))]
         for name, members in sorted(by_class.items())
     }
-    total = int(fraction * len(samples))
+    quotas = class_quotas({name: len(queue) for name, queue in queues.items()}, fraction, balance)
     jobs: list[Job] = []
-    round_ = 0
-    while len(jobs) < total:
-        for _name, queue in queues.items():
-            if len(jobs) >= total:
-                break
+    for round_ in range(max(quotas.values(), default=0)):
+        for name, queue in queues.items():
+            if round_ >= quotas[name]:
+                continue
             source = queue[round_ % len(queue)]
             kind = kinds[len(jobs) % len(kinds)]
             prompt = variant_prompt(source.caption, kind, len(jobs) // len(kinds))
             jobs.append(Job(f"aug{len(jobs):05d}", source, kind, prompt, int(seed * 1_000_003 + len(jobs))))
-        round_ += 1
     return jobs
 
 
@@ -151,6 +178,7 @@ class Synthesizer:
         self.strength, self.guidance, self.eta = strength, guidance, eta
         lora = Path(generator_dir) / LORA_FILE
         self.checkpoint = {"generator": str(Path(generator_dir)), "lora_sha256": file_sha256(lora)}
+        self.warmed_up = False
 
     @property
     def size(self) -> int:
@@ -159,27 +187,37 @@ class Synthesizer:
     def __call__(
         self, images: torch.Tensor, sources: list[str], prompts: list[str], seeds: list[int]
     ) -> tuple[list[Image.Image], float]:
-        """Variants of a batch and the wall time per image in ms."""
+        """Variants of a batch and the wall time per image in ms. The first call of a Synthesizer first makes one
+        untimed variant (warm-up: lazy initialisation, allocator, kernel selection); on CUDA the device is
+        synchronised before each clock read."""
+        if not self.warmed_up and len(images):
+            self._edit(images[0], sources[0], prompts[0], seeds[0])
+            self.warmed_up = True
+        self._synchronize()
         start = time.perf_counter()
-        outputs = []
         # one call per image: each has its own seed (DDIM with eta > 0 draws noise) and a batch of 1 keeps the
         # per-image cost honest
-        for image, source, prompt, seed in zip(images, sources, prompts, seeds):
-            rng = torch.Generator(device="cpu").manual_seed(seed)
-            outputs.append(
-                self.generator.edit(
-                    image[None].to(self.device),
-                    [source],
-                    [prompt],
-                    self.steps,
-                    strength=self.strength,
-                    guidance_scale=self.guidance,
-                    eta=self.eta,
-                    generator=rng,
-                )
-            )
+        outputs = [self._edit(*job) for job in zip(images, sources, prompts, seeds)]
+        self._synchronize()
         ms = 1000 * (time.perf_counter() - start) / max(1, len(prompts))
         return to_pil(torch.cat(outputs)), ms
+
+    def _edit(self, image: torch.Tensor, source: str, prompt: str, seed: int) -> torch.Tensor:
+        rng = torch.Generator(device="cpu").manual_seed(seed)
+        return self.generator.edit(
+            image[None].to(self.device),
+            [source],
+            [prompt],
+            self.steps,
+            strength=self.strength,
+            guidance_scale=self.guidance,
+            eta=self.eta,
+            generator=rng,
+        )
+
+    def _synchronize(self) -> None:
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def _read_done(manifest: Path) -> dict[str, dict[str, Any]]:
@@ -199,7 +237,7 @@ def augment(args: argparse.Namespace) -> Path:
     if not samples:
         raise ConfigError(f"{args.manifest} has no rows with split={args.split!r}")
     synth = Synthesizer(args.generator, args.steps, args.strength, args.guidance, args.eta, args.device)
-    jobs = plan_jobs(samples, args.fraction, tuple(args.kinds), args.seed)
+    jobs = plan_jobs(samples, args.fraction, tuple(args.kinds), args.seed, args.balance)
     if args.limit is not None:
         jobs = jobs[: args.limit]
     out = Path(args.out)
@@ -263,6 +301,11 @@ def augment(args: argparse.Namespace) -> Path:
         "images": len(rows),
         "source_images": len(samples),
         "fraction": len(rows) / len(samples),
+        "balance": args.balance,
+        "by_subclass": {
+            name: {"source": n, "generated": sum(r["subclass"] == name for r in rows)}
+            for name, n in sorted(Counter(s.subclass for s in samples).items())
+        },
         "by_kind": {kind: sum(r["provenance"]["kind"] == kind for r in rows) for kind in KINDS},
         "generation_ms_per_image": float(np.mean([r["generation_ms"] for r in rows])) if rows else None,
         "image_size": synth.size,
@@ -316,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="with --root: write to <root>/fg_guidance/<name>")
     parser.add_argument(
         "--fraction", type=float, default=0.5, help="images to add, as a fraction of the split"
+    )
+    parser.add_argument(
+        "--balance",
+        default="proportional",
+        choices=BALANCES,
+        help="per subclass: fraction x its own images (proportional) or the same number each (balanced)",
     )
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--limit", type=int, default=None, help="stop after this many images (smoke runs)")

@@ -69,6 +69,34 @@ def late_interaction_scores(
     return (sims * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
+def inference_ms_per_image(
+    model: nn.Module, images: torch.Tensor, warmup: int = 2, repeats: int = 5
+) -> float:
+    """Wall-clock ms per image of ``model(images)`` (no grad, eval mode): ``warmup`` untimed calls first (kernel
+    selection, allocator, lazy init), then the mean of ``repeats`` timed calls; on CUDA the device is synchronised
+    before each clock read, so queued kernels are counted."""
+    if warmup < 0 or repeats < 1 or len(images) == 0:
+        raise ValueError(f"need warmup >= 0, repeats >= 1 and images, got {warmup}, {repeats}, {len(images)}")
+    cuda = images.device.type == "cuda"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(warmup):
+                model(images)
+            if cuda:
+                torch.cuda.synchronize(images.device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(images)
+            if cuda:
+                torch.cuda.synchronize(images.device)
+            seconds = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    return 1000 * seconds / (repeats * len(images))
+
+
 def class_descriptions(samples: list[Any], classes: list[str]) -> list[str]:
     """One text per subclass: its most frequent training caption (ties: the first seen)."""
     captions: dict[str, Counter[str]] = {name: Counter() for name in classes}
@@ -102,7 +130,9 @@ class SubtypeTask(L.LightningModule):
                 for split in ("train", "val", "test")
             }
         )
-        self.test_seconds, self.test_images = 0.0, 0
+        self.test_images = 0
+        self.timing_batch: torch.Tensor | None = None  # the first test batch, timed at the end of the test
+        self.fit_steps: dict[str, int] = {}  # optimiser steps and batches per epoch of the fit (on_train_end)
 
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None)
@@ -129,25 +159,42 @@ class SubtypeTask(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch, "val")
 
+    def on_train_end(self) -> None:
+        self.fit_steps = {
+            "train_steps": int(self.trainer.global_step),
+            "train_batches_per_epoch": int(self.trainer.num_training_batches),
+        }
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        start = time.perf_counter()
         self._step(batch, "test")
-        self.test_seconds += time.perf_counter() - start
         self.test_images += len(batch["label"])
+        if self.timing_batch is None and len(batch["label"]):
+            self.timing_batch = batch["image"]
 
     def on_test_epoch_end(self) -> None:
-        """`<run>/test_metrics.json`: what `forgelab fg-table1` collects (accuracy, inference ms per image)."""
+        """`<run>/test_metrics.json`: what `forgelab fg-table1` collects: accuracy, the classifier's own inference
+        ms per image (`inference_ms_per_image` on the first test batch, after warm-up), the optimiser steps and
+        batches per epoch of the fit (to match steps between runs) and the training set's size."""
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
         acc = self.metrics["test_acc"].compute()
+        timing = self.timing_batch
+        data = getattr(self.trainer, "datamodule", None)
+        train_rows = getattr(data, "samples", {}).get("train")
         write_json(
             Path(self.trainer.default_root_dir) / "test_metrics.json",
             {
                 "test/acc": float(acc),
                 "test_images": self.test_images,
-                "inference_ms_per_image": 1000 * self.test_seconds / max(1, self.test_images),
+                "inference_ms_per_image": None if timing is None else inference_ms_per_image(self, timing),
+                **self.fit_steps,
+                "train_images": None if train_rows is None else len(train_rows),
+                "train_by_class": None
+                if train_rows is None
+                else dict(Counter(s.subclass for s in train_rows)),
             },
         )
+        self.timing_batch = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -233,6 +280,8 @@ class FineLIPClassifier(SubtypeTask):
         )
         self.descriptions: list[str] = []
         self.truncated_descriptions = 0
+        # the encoded class descriptions, reused while the text tower cannot change (module docstring)
+        self._text_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _stretch(self, weight: torch.Tensor) -> None:
         embeddings = self.clip.text_model.embeddings
@@ -276,10 +325,38 @@ class FineLIPClassifier(SubtypeTask):
         states = self.clip.vision_model.post_layernorm(vision.last_hidden_state)  # CLS + patches
         return F.normalize(self.clip.visual_projection(states), dim=-1)
 
+    def class_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_descriptions`, encoded once and reused while the text tower cannot change: under no_grad
+        (validation, test, predict, timing) or with ``freeze_text``. A trainable text tower is re-encoded every
+        training step (its gradients flow through the descriptions), and the cache is dropped after each
+        optimiser step and at the start of each evaluation epoch."""
+        reusable = not torch.is_grad_enabled() or self.hparams.freeze_text
+        if reusable and self._text_cache is not None and self._text_cache[0].device == self.mean.device:
+            return self._text_cache
+        tokens, mask = self.encode_descriptions()
+        self._text_cache = (tokens.detach(), mask) if reusable else None
+        return tokens, mask
+
+    def clear_text_cache(self) -> None:
+        self._text_cache = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.hparams.freeze_text:
+            self.clear_text_cache()
+
+    def on_validation_epoch_start(self) -> None:
+        self.clear_text_cache()
+
+    def on_test_epoch_start(self) -> None:
+        self.clear_text_cache()
+
+    def on_predict_epoch_start(self) -> None:
+        self.clear_text_cache()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.descriptions:
             raise ConfigError("no class descriptions: call setup() with a CaptionedParts datamodule first")
-        tokens, mask = self.encode_descriptions()
+        tokens, mask = self.class_text()
         scores = late_interaction_scores(self.image_patches(images), tokens, mask)
         return self.clip.logit_scale.exp().clamp(max=100) * scores
 
@@ -288,3 +365,4 @@ class FineLIPClassifier(SubtypeTask):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.descriptions = list(checkpoint.get("descriptions", []))
+        self.clear_text_cache()
