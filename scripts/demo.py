@@ -153,8 +153,8 @@ STAGES: list[Stage] = [
         command=[
             "fg-table1",
             f"--augmented={RUNS}/fg_guidance/fg_augmented/manifest.jsonl",
-            "--method-config=ResNet-101=configs/fg_guidance/table1_toy_resnet101.yaml",
-            "--method-config=FineLIP=configs/fg_guidance/table1_toy_finelip.yaml",
+            "--method-config=ResNet-101=configs/fg_guidance/tables/table1_toy_resnet101.yaml",
+            "--method-config=FineLIP=configs/fg_guidance/tables/table1_toy_finelip.yaml",
             "--seeds",
             "0",
             "1",

@@ -27,7 +27,7 @@ the method's runs). The paper's single "Cost (ms)" column does not say which of 
 ``--parallel N`` runs N (without, with) pairs at once in forked children, one GPU each when GPUs are visible,
 else an equal share of the CPU cores (as `forgelab sweep --parallel`); CPU timings then share the machine.
 ``--method-config METHOD=YAML`` adds a config to one method's fits (the toy world's Table 1 uses
-configs/fg_guidance/table1_toy_*.yaml). Pairs finished are kept in ``<run>/pairs/``; running the command again
+configs/fg_guidance/tables/table1_toy_*.yaml). Pairs finished are kept in ``<run>/pairs/``; running the command again
 under the same ``--name`` reuses them.
 """
 
