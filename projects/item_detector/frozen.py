@@ -84,7 +84,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def crop(image: torch.Tensor, box: Sequence[float]) -> torch.Tensor:
-    """The pixels of `box` (x0, y0, x1, y1; x1/y1 exclusive edges), rounded outwards to whole pixels."""
+    """The pixels of `box` (x0, y0, x1, y1; x1/y1 exclusive edges), rounded outwards to whole pixels (CLIP pads
+    them to a square before resizing: `ClipEncoder.box_pixels`)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     height, width = image.shape[-2:]
     left, top = max(0, math.floor(x0)), max(0, math.floor(y0))
