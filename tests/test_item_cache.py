@@ -247,6 +247,113 @@ def test_an_edited_oracle_caption_is_a_new_entry(samples, tmp_path) -> None:
     assert table.captions == ["a completely different caption"]
 
 
+# --- the cached embeddings are CLIP's ----------------------------------------------------------------------------
+
+
+def test_cached_object_embeddings_are_clip_run_directly_on_each_padded_box_and_phrase(
+    samples, tmp_path
+) -> None:
+    """The cache's local rows against the tiny CLIP called by hand: the box cut with its edges rounded outwards,
+    padded to a square of the CLIP mean colour around it, resized (bicubic) and normalised; each phrase
+    tokenized alone."""
+    import math
+
+    import torch.nn.functional as F
+
+    samples = samples[:3]  # real and generated, 12 objects
+    stage = CountingStage()
+    cache = cache_for(stage, tmp_path)
+    extract(stage, cache, samples, batch_size=3, shard_size=3)
+    table, _ = cache.load(keys_of(stage, samples))
+    clip = stage.models()[2]
+    mean = torch.tensor(clip.processor.image_processor.image_mean).reshape(3, 1, 1)
+    std = torch.tensor(clip.processor.image_processor.image_std).reshape(3, 1, 1)
+    size = clip.input_size[0]
+    pixels, phrases = [], []
+    for row, sample in enumerate(samples):
+        image = _image(sample)
+        start, end = int(table.offsets[row]), int(table.offsets[row + 1])
+        assert table.phrases[row] and end - start == len(table.phrases[row])
+        for x0, y0, x1, y1 in table.boxes[start:end].tolist():
+            cut = image[:, math.floor(y0) : math.ceil(y1), math.floor(x0) : math.ceil(x1)]
+            h, w = cut.shape[-2:]
+            side = max(h, w)
+            square = mean.expand(3, side, side).clone()
+            square[:, (side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = cut
+            resized = F.interpolate(square[None], size=(size, size), mode="bicubic", antialias=True)[0]
+            pixels.append((resized - mean) / std)
+        phrases += table.phrases[row]
+    with torch.no_grad():
+        direct_images = clip.model.get_image_features(pixel_values=torch.stack(pixels)).pooler_output
+        direct_texts = torch.cat(  # each phrase alone: no batch padding
+            [
+                clip.model.get_text_features(**clip.tokenizer([p], return_tensors="pt")).pooler_output
+                for p in phrases
+            ]
+        )
+    assert len(phrases) == len(table.local_image) >= 2 * len(samples)
+    torch.testing.assert_close(table.local_image, direct_images, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(table.local_text, direct_texts, atol=1e-5, rtol=1e-4)
+
+
+# --- every frozen-stage setting is in the key ------------------------------------------------------------------
+
+# (base overrides, changed overrides) of FrozenStage's arguments; config sections are dicts of their fields.
+KEY_CASES: dict[str, tuple[dict, dict]] = {
+    "captioner.name": ({}, {"captioner": {"name": "blip"}}),
+    "captioner.model_id": ({}, {"captioner": {"model_id": "acme/other-blip2"}}),
+    "captioner.max_new_tokens": ({}, {"captioner": {"max_new_tokens": 20}}),
+    "captioner.instruction": (
+        {"captioner": {"name": "llava"}},
+        {"captioner": {"name": "llava", "instruction": "Describe the image."}},
+    ),
+    "captioner.revision": ({}, {"captioner": {"revision": "v2"}}),
+    "grounder.name": ({}, {"grounder": {"name": "owlv2"}}),
+    "grounder.model_id": ({}, {"grounder": {"model_id": "IDEA-Research/grounding-dino-tiny"}}),
+    "grounder.box_threshold": ({}, {"grounder": {"box_threshold": 0.3}}),
+    "grounder.max_phrases": ({}, {"grounder": {"max_phrases": 4}}),
+    "grounder.max_objects": ({}, {"grounder": {"max_objects": 4}}),
+    "grounder.nms_iou": ({}, {"grounder": {"nms_iou": 0.7}}),
+    "grounder.min_box_size": ({}, {"grounder": {"min_box_size": 8}}),
+    "grounder.revision": ({}, {"grounder": {"revision": "v2"}}),
+    "clip.library": ({}, {"clip": {"library": "open_clip", "model_id": "RN50-quickgelu"}}),
+    "clip.model_id": ({}, {"clip": {"model_id": "openai/clip-vit-base-patch16"}}),
+    "clip.pretrained": (
+        {"clip": {"library": "open_clip", "model_id": "RN50", "pretrained": "yfcc15m"}},
+        {"clip": {"library": "open_clip", "model_id": "RN50", "pretrained": "cc12m"}},
+    ),
+    "clip.revision": ({}, {"clip": {"revision": "v2"}}),
+    "clip.image_preprocess": ({}, {"clip": {"image_preprocess": "resize_center_crop"}}),
+    "dtype": ({}, {"dtype": "bfloat16"}),
+}
+
+
+def stage_with(overrides: dict) -> FrozenStage:
+    """A tiny-preset stage with generative models (never loaded: the key is computed without them)."""
+    configs = {"captioner": CaptionerConfig, "grounder": GrounderConfig, "clip": ClipConfig}
+    args = {name: cls(**overrides.get(name, {})) for name, cls in configs.items()}
+    return FrozenStage(**args, preset="tiny", device="cpu", dtype=overrides.get("dtype", "float32"))
+
+
+def test_every_field_of_the_frozen_configs_has_a_key_case() -> None:
+    from dataclasses import fields
+
+    names = {
+        f"{s}.{f.name}"
+        for s, c in (("captioner", CaptionerConfig), ("grounder", GrounderConfig), ("clip", ClipConfig))
+        for f in fields(c)
+    }
+    assert names | {"dtype"} == set(KEY_CASES)
+
+
+@pytest.mark.parametrize("setting", list(KEY_CASES))
+def test_the_cache_key_changes_with_every_frozen_stage_setting(setting: str, tmp_path) -> None:
+    base, changed = (stage_with(overrides) for overrides in KEY_CASES[setting])
+    assert stage_key_of(base) == stage_key_of(stage_with(KEY_CASES[setting][0]))  # deterministic
+    assert stage_key_of(changed) != stage_key_of(base)
+    assert cache_for(changed, tmp_path).dir != cache_for(base, tmp_path).dir  # a separate cache directory
+
+
 # --- what the key names besides the config ----------------------------------------------------------------------
 
 

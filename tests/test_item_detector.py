@@ -21,7 +21,7 @@ from projects.item_detector.grounding import GrounderConfig, GroundingDinoGround
 from projects.item_detector.misalignment import hierarchical_distance, local_distance, misalignment_vector
 from projects.item_detector.model import ItemDetector
 from projects.item_detector.phrases import noun_phrases
-from projects.item_detector.report import paper_tables, robustness_table, tsne_figure
+from projects.item_detector.report import ablation_table, paper_tables, robustness_table, tsne_figure
 from tests.cli_helpers import CONFIGS, item_subset, run_cli, tiny_overrides
 
 TINY = CONFIGS / "item_detector" / "tiny.yaml"
@@ -320,6 +320,43 @@ def test_paper_tables_have_one_column_per_generator_and_the_mean() -> None:
     assert columns == ["table", "method", "progan", "ldm", "mean"]
     assert rows == [["I: ACC", "ITEM", 80.0, 80.0, 80.0], ["II: AP", "ITEM", 90.0, 70.0, 80.0]]
     assert "| ITEM | 80.00/90.00 | 80.00/70.00 | 80.00/80.00 |" in markdown and "mAP" in markdown
+
+
+def test_generators_holding_one_class_are_named_not_silently_left_out_of_the_map(caplog) -> None:
+    """sd has only generated images: its AP is undefined and mAP is the AP of the others (sklearn, by hand)."""
+    import logging
+
+    from sklearn.metrics import average_precision_score
+
+    from common.metrics import RealFakeMetrics
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1] * 6 + [1] * 5 + [0, 1] * 4)
+    groups = torch.tensor([0] * 12 + [1] * 5 + [2] * 8)  # gan, sd (only generated), ldm
+    scores = (labels + torch.rand(len(labels), generator=generator) * 1.5) / 2.5
+    metric = RealFakeMetrics(["gan", "sd", "ldm"])
+    metric.update(scores, labels, groups)
+    report = metric.compute()
+    expected = [average_precision_score(labels[groups == g], scores[groups == g]) for g in (0, 2)]
+    with caplog.at_level(logging.WARNING, logger="forgelab.item"):
+        columns, rows, markdown = paper_tables(report, "ITEM")
+    assert columns == ["table", "method", "gan", "ldm", "sd", "mean"]
+    assert rows[1][4] is None and rows[1][5] == pytest.approx(100 * sum(expected) / 2, abs=0.01)
+    assert "| ITEM | " + f"{100 * expected[0]:.2f} | {100 * expected[1]:.2f} | n/a (one class) |" in markdown
+    assert "mAP is the mean over 2 of 3 test generators; it leaves out sd (only generated)" in markdown
+    assert "sd (only generated)" in caplog.text and caplog.records[0].levelname == "WARNING"
+    _, _, fig4 = robustness_table({"none": report, "jpeg:75": report})
+    assert fig4.count("n/a (one class)") == 2 and "leaves out sd (only generated)" in fig4
+    _, _, ablation = ablation_table({"full": report})
+    assert "n/a (one class)" in ablation and "leaves out sd" in ablation
+
+
+def test_tables_without_one_class_generators_have_no_note(caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="forgelab.item"):
+        _, _, markdown = paper_tables(report_of({"progan": 0.9, "ldm": 0.7}), "ITEM")
+    assert "n/a" not in markdown and "Note" not in markdown and not caplog.records
 
 
 def test_robustness_table_lists_every_condition_in_order() -> None:

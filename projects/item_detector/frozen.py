@@ -35,7 +35,8 @@ log = logging.getLogger("forgelab.item")
 
 # Bump when the extraction code changes what it computes for the same models (crop rule, caption cleaning,
 # phrase chunker, box filtering): every cached entry of older versions then misses instead of being served.
-FEATURE_VERSION = 1
+# 2: object boxes padded to a square and resized (were resized on the short side and centre-cropped).
+FEATURE_VERSION = 2
 
 FLAG_NAMES: tuple[str, ...] = (
     "caption_empty",  # the captioner returned nothing (CLIP embeds the empty string)
@@ -83,7 +84,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def crop(image: torch.Tensor, box: Sequence[float]) -> torch.Tensor:
-    """The pixels of `box` (x0, y0, x1, y1; x1/y1 exclusive edges), rounded outwards to whole pixels."""
+    """The pixels of `box` (x0, y0, x1, y1; x1/y1 exclusive edges), rounded outwards to whole pixels (CLIP pads
+    them to a square before resizing: `ClipEncoder.box_pixels`)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     height, width = image.shape[-2:]
     left, top = max(0, math.floor(x0)), max(0, math.floor(y0))
@@ -219,22 +221,23 @@ class FrozenStage:
             )
         crops = [crop(image, box) for image, found in zip(images, objects) for box in found.boxes.tolist()]
         phrases = [phrase for found in objects for phrase in found.phrases]
-        image_embeddings = clip.encode_images([*images, *crops])  # Eq. 2
+        global_images, local_images = clip.encode_images(images), clip.encode_boxes(crops)  # Eq. 2
         text_embeddings, truncated = clip.encode_texts([*captions, *phrases])
 
         n, features, offset = len(images), [], 0
         for i, (caption, found) in enumerate(zip(captions, objects, strict=True)):
             k = len(found.phrases)
             local = slice(n + offset, n + offset + k)
+            boxes = slice(offset, offset + k)
             features.append(
                 ImageFeatures(
                     caption=caption,
                     phrases=list(found.phrases),
                     boxes=found.boxes.float(),
                     box_scores=found.scores.float(),
-                    global_image=image_embeddings[i],
+                    global_image=global_images[i],
                     global_text=text_embeddings[i],
-                    local_image=image_embeddings[local],
+                    local_image=local_images[boxes],
                     local_text=text_embeddings[local],
                     flags={
                         "caption_empty": int(not caption),

@@ -5,12 +5,17 @@ the representation D, real vs generated, per generator).
 Builders here are plain functions of metric reports (`common.metrics.RealFakeMetrics.compute()` output:
 {generator: {acc, real_acc, fake_acc, ap, ...}, "mean": ..., "pooled": ...}); the model and the
 `forgelab item-compare` command write what they return with common.experiment.reporting (CSV + Markdown + W&B).
+
+A test generator whose subset holds one class only (all real or all generated) has no AP; the mean over
+generators (`mAP`, `mean AP`) then leaves it out. That is never silent here: its AP cell reads "n/a (one class)"
+in the Markdown (empty in CSV/W&B), a note under the table names it, and a warning is logged.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +35,9 @@ from common.io import write_json
 from common.perturbations import Perturbation
 
 Report = Mapping[str, Mapping[str, float]]
+ONE_CLASS = "n/a (one class)"
+
+log = logging.getLogger("forgelab.item")
 
 
 def _generators(report: Report) -> list[str]:
@@ -44,11 +52,47 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def markdown_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def markdown_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "") -> str:
     lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(v) if not isinstance(v, str) else v for v in row) + " |")
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
+
+
+def one_class_generators(report: Report, metric: str = "ap") -> dict[str, str]:
+    """Generators whose `metric` is undefined because their test subset holds one class only (the mean over
+    generators leaves them out): name -> "only real" / "only generated"."""
+    out = {}
+    for name in _generators(report):
+        row = report[name]
+        if row.get("n", 1.0) <= 0 or not math.isnan(row.get(metric, math.nan)):
+            continue
+        real, fake = (not math.isnan(row.get(k, math.nan)) for k in ("real_acc", "fake_acc"))
+        out[name] = (
+            "only real" if real and not fake else "only generated" if fake and not real else "one class"
+        )
+    return out
+
+
+def left_out_note(excluded: Mapping[str, str], total: int, mean: str = "mAP") -> str:
+    """The table note naming the generators a mean leaves out (empty when none is); logs a warning."""
+    if not excluded:
+        return ""
+    names = ", ".join(f"{name} ({why})" for name, why in excluded.items())
+    log.warning(
+        "%s leaves out %d of %d test generators holding one class only: %s", mean, len(excluded), total, names
+    )
+    return (
+        f"Note: {mean} is the mean over {total - len(excluded)} of {total} test generators; it leaves out "
+        f"{names}, whose test images hold one class only."
+    )
+
+
+def _marked(values: Sequence[float | None], names: Sequence[str], excluded: Mapping[str, str]) -> list[Any]:
+    """Markdown cells of per-generator AP values: the generators left out of the mean say so."""
+    return [ONE_CLASS if name in excluded else value for value, name in zip(values, names)]
 
 
 def paper_tables(report: Report, method: str) -> tuple[list[str], list[list[Any]], str]:
@@ -59,15 +103,22 @@ def paper_tables(report: Report, method: str) -> tuple[list[str], list[list[Any]
     columns = ["table", "method", *generators, "mean"]
     acc = [_pct(report[g]["acc"]) for g in [*generators, "mean"]]
     ap = [_pct(report[g]["ap"]) for g in [*generators, "mean"]]
-    both = [f"{_cell(a)}/{_cell(p)}" for a, p in zip(acc, ap)]
+    excluded = one_class_generators(report)
+    shown_ap = _marked(ap, [*generators, "mean"], excluded)
+    both = [f"{_cell(a)}/{p if isinstance(p, str) else _cell(p)}" for a, p in zip(acc, shown_ap)]
     rows = [["I: ACC", method, *acc], ["II: AP", method, *ap]]
+    note = left_out_note(excluded, len(generators))
     markdown = "\n\n".join(
         [
             markdown_table(
                 "Table I shape: ACC (%, threshold 0.5)", ["method", *generators, "Avg."], [[method, *acc]]
             ),
-            markdown_table("Table II shape: AP (%)", ["method", *generators, "mAP"], [[method, *ap]]),
-            markdown_table("Table III shape: ACC/AP (%)", ["method", *generators, "Avg."], [[method, *both]]),
+            markdown_table(
+                "Table II shape: AP (%)", ["method", *generators, "mAP"], [[method, *shown_ap]], note
+            ),
+            markdown_table(
+                "Table III shape: ACC/AP (%)", ["method", *generators, "Avg."], [[method, *both]], note
+            ),
         ]
     )
     return columns, rows, markdown
@@ -81,7 +132,8 @@ def robustness_table(reports: Mapping[str, Report]) -> tuple[list[str], list[lis
     and mean ACC (%). `reports` maps condition specs ("none", "jpeg:75", ...) to metric reports."""
     generators = sorted({g for report in reports.values() for g in _generators(report)})
     columns = ["perturbation", "level", *[f"ap_{g}" for g in generators], "mean_ap", "mean_acc"]
-    rows = []
+    rows, shown = [], []
+    excluded: dict[str, str] = {}
     for spec, report in reports.items():
         condition = Perturbation.parse(spec)
         level = (
@@ -90,11 +142,14 @@ def robustness_table(reports: Mapping[str, Report]) -> tuple[list[str], list[lis
             else Perturbation(condition.kind, condition.level).spec.split(":")[1]
         )
         per_generator = [_pct(report[g]["ap"]) if g in report else None for g in generators]
-        rows.append(
-            [condition.kind, level, *per_generator, _pct(report["mean"]["ap"]), _pct(report["mean"]["acc"])]
-        )
+        means = [_pct(report["mean"]["ap"]), _pct(report["mean"]["acc"])]
+        rows.append([condition.kind, level, *per_generator, *means])
+        one_class = one_class_generators(report)
+        excluded |= one_class
+        shown.append([condition.kind, level, *_marked(per_generator, generators, one_class), *means])
     headers = ["perturbation", "level", *[f"AP {g}" for g in generators], "mean AP", "mean ACC"]
-    return columns, rows, markdown_table("Fig. 4 shape: AP (%) under perturbations", headers, rows)
+    note = left_out_note(excluded, len(generators), "mean AP")
+    return columns, rows, markdown_table("Fig. 4 shape: AP (%) under perturbations", headers, shown, note)
 
 
 def robustness_figure(reports: Mapping[str, Report]) -> Any:
@@ -206,11 +261,16 @@ def ablation_table(
     """One row per variant (run), one column per test generator and the mean, values `metric` in %."""
     generators = sorted({g for report in variants.values() for g in _generators(report)})
     columns = ["variant", *generators, "mean"]
-    rows = [
-        [name, *[_pct(r[g][metric]) if g in r else None for g in generators], _pct(r["mean"][metric])]
-        for name, r in variants.items()
-    ]
-    return columns, rows, markdown_table(f"{title}: {metric.upper()} (%)", columns, rows)
+    rows, shown = [], []
+    excluded: dict[str, str] = {}
+    for name, r in variants.items():
+        per_generator = [_pct(r[g][metric]) if g in r else None for g in generators]
+        rows.append([name, *per_generator, _pct(r["mean"][metric])])
+        one_class = one_class_generators(r, metric)
+        excluded |= one_class
+        shown.append([name, *_marked(per_generator, generators, one_class), _pct(r["mean"][metric])])
+    note = left_out_note(excluded, len(generators), f"mean {metric.upper()}")
+    return columns, rows, markdown_table(f"{title}: {metric.upper()} (%)", columns, shown, note)
 
 
 def ablation_figure(variants: Mapping[str, Report], metric: str = "ap", title: str = "ablation") -> Any:
