@@ -123,13 +123,17 @@ def paper_tables(report: Report, method: str) -> tuple[list[str], list[list[Any]
 
 
 def accuracy_table(
-    report: Report, method: str, excluded: Mapping[str, str] | None = None, note: str = ""
+    report: Report, method: str, excluded: Mapping[str, str] | None = None, note: str | None = None
 ) -> str:
     """The detail behind Tables I-II, as CNNDetection and UniversalFakeDetect report it: per test generator
     the ACC on real images, on generated images and overall (at 0.5), and AP; then their means over generators.
-    One row for `method` (Markdown; the numbers are in test_per_generator.csv too)."""
+    One row for `method` (Markdown; the numbers are in test_per_generator.csv too). `excluded` and `note`
+    (the one-class generators and their note) are computed when not given."""
     generators = report_generators(report)
-    excluded = one_class_generators(report) if excluded is None else excluded
+    if excluded is None:
+        excluded = one_class_generators(report)
+    if note is None:
+        note = left_out_note(excluded, len(generators))
     headers, cells = ["method"], [method]
     for name in [*generators, "mean"]:
         row = report[name]
