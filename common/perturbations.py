@@ -152,5 +152,20 @@ def robustness_specs(grid: dict[str, tuple[float, ...]] = ROBUSTNESS_GRID) -> li
     ]
 
 
+def parse_test_conditions(specs: list[str]) -> list[str]:
+    """Validate a list of test conditions (one test dataloader each): canonical specs, no repeats, the clean
+    condition "none" first (it is the main test report; the others are compared with it)."""
+    if isinstance(specs, str) or not specs:
+        raise ValueError(f"test_perturbations must be a non-empty list of specs, got {specs!r}")
+    conditions = [Perturbation.parse(spec).spec for spec in specs]
+    if len(set(conditions)) != len(conditions):
+        raise ValueError(f"test_perturbations has repeats: {conditions}")
+    if conditions[0] != "none":
+        raise ValueError(
+            f"test_perturbations must start with 'none' (the clean test is the main report), got {conditions}"
+        )
+    return conditions
+
+
 def _stable_seed(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

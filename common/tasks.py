@@ -3,8 +3,13 @@
 Subclasses implement `forward(batch) -> logits` and `loss(logits, labels)` and `scores(logits) -> P(generated)`;
 the base does the rest the same way for all of them:
   * validation metrics (per generator + mean) and the monitor used for checkpointing and early stopping;
-  * test report: per-generator table (acc, real acc, fake acc, AP, AUROC, F1) as CSV/Markdown/W&B table, ROC and
-    PR curves, a grid of misclassified images, all in the run directory and on W&B;
+  * test report: per-generator table (acc, real acc, fake acc, AP, AUROC, F1) as CSV/Markdown/W&B table, the
+    Tables I-III-shaped table of the field's papers (`test_paper_tables`), ROC and PR curves, a grid of
+    misclassified images, all in the run directory and on W&B;
+  * robustness (ITEM Fig. 4, CNNDetection): when the datamodule names several `test_conditions` (clean first,
+    then perturbations such as "jpeg:75") and gives one test dataloader per condition, the first is the report
+    above and every condition gets its own metrics: `test_robustness.{md,csv,json}` (json = {condition:
+    per-generator report as test_metrics.json}), `plots/test_robustness.png`, `test_robustness/<condition>/ap`;
   * predict: `predictions.csv` with path, score, predicted label, true label (when known).
 Empty batches (every file of the batch failed to decode) are skipped, not fatal.
 """
@@ -18,16 +23,19 @@ from typing import Any
 import lightning as L
 import torch
 
+from common.experiment.detector_report import paper_tables, robustness_figure, robustness_table
 from common.experiment.reporting import curves_figure, image_grid, log_figure, log_pil, log_table
 from common.io import write_csv, write_json
 from common.metrics import METRIC_NAMES, RealFakeMetrics, format_table
 
 
 class RealFakeTask(L.LightningModule):
-    """Base class; see module docstring. `monitor`/`monitor_mode` drive checkpoint selection (validation only)."""
+    """Base class; see module docstring. `monitor`/`monitor_mode` drive checkpoint selection (validation only);
+    `method_name` names the row of the paper-shaped tables (default: the class name)."""
 
     monitor: str = "val/loss"
     monitor_mode: str = "min"
+    method_name: str | None = None
 
     def __init__(self, threshold: float = 0.5, max_misclassified: int = 32) -> None:
         super().__init__()
@@ -37,6 +45,8 @@ class RealFakeTask(L.LightningModule):
         self.max_misclassified = max_misclassified
         self.val_metrics = RealFakeMetrics(threshold=threshold)
         self.test_metrics = RealFakeMetrics(threshold=threshold)
+        self.conditions: list[str] = ["none"]  # test conditions; the first is test_metrics' report
+        self.condition_metrics: list[RealFakeMetrics] = []  # one per further condition (not in state_dict)
         self._misclassified: list[tuple[torch.Tensor, str]] = []
         self._predictions: list[tuple[str, float, int, int]] = []
 
@@ -91,24 +101,46 @@ class RealFakeTask(L.LightningModule):
             if not math.isnan(value):
                 self.log(f"val/{name}", value, prog_bar=name in ("acc", "ap"))
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        scores = self._eval_step(batch, self.test_metrics, "test")
-        if scores is None or len(self._misclassified) >= self.max_misclassified:
-            return
+    def test_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor | None:
+        """Metrics of the batch's condition (dataloader `dataloader_idx`); the misclassified grid shows clean
+        images only. Returns the scores (None for an empty batch) for subclasses collecting more."""
+        if dataloader_idx > len(self.condition_metrics):
+            raise RuntimeError(
+                f"test dataloader {dataloader_idx} has no condition: the datamodule names {len(self.conditions)} "
+                f"test_conditions ({', '.join(self.conditions)}), one per test dataloader"
+            )
+        metrics = self.test_metrics if dataloader_idx == 0 else self.condition_metrics[dataloader_idx - 1]
+        scores = self._eval_step(batch, metrics, "test")
+        if scores is None or dataloader_idx != 0:
+            return scores
         wrong = ((scores >= self.threshold).long() != batch["label"]) & (batch["label"] >= 0)
         for i in torch.nonzero(wrong).flatten().tolist():
             if len(self._misclassified) >= self.max_misclassified:
                 break
-            truth = "fake" if int(batch["label"][i]) == 1 else "real"
-            generator = (
-                self._generator_names()[int(batch["generator_id"][i])] if self._generator_names() else ""
-            )
-            caption = f"{truth} {generator[:10]} p={float(scores[i]):.2f}\n{Path(batch['path'][i]).name[:18]}"
-            self._misclassified.append((batch["image"][i].detach().cpu(), caption))
+            self._misclassified.append(self.misclassified_thumbnail(batch, i, float(scores[i])))
+        return scores
+
+    def misclassified_thumbnail(
+        self, batch: dict[str, Any], i: int, score: float
+    ) -> tuple[torch.Tensor, str]:
+        """Image i of the batch and its caption (truth, generator, score, file) for the misclassified grid."""
+        names = self._generator_names()
+        truth = "fake" if int(batch["label"][i]) == 1 else "real"
+        generator = names[int(batch["generator_id"][i])] if names else ""
+        caption = f"{truth} {generator[:10]} p={score:.2f}\n{Path(batch['path'][i]).name[:18]}"
+        return batch["image"][i].detach().cpu(), caption
 
     def on_test_epoch_start(self) -> None:
-        self.test_metrics.generator_names = self._generator_names()
+        names = self._generator_names()
+        self.test_metrics.generator_names = names
         self._misclassified = []
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.conditions = list(getattr(datamodule, "test_conditions", None) or ["none"])
+        self.condition_metrics = [
+            RealFakeMetrics(names, self.threshold).to(self.device) for _ in self.conditions[1:]
+        ]
 
     def on_test_epoch_end(self) -> None:
         report = self.test_metrics.compute()
@@ -118,9 +150,24 @@ class RealFakeTask(L.LightningModule):
             for name in METRIC_NAMES:
                 if not math.isnan(row[name]):
                     self.log(f"test/{generator}/{name}", row[name], rank_zero_only=True)
+        robustness = {}
+        for condition, metrics in zip(self.conditions[1:], self.condition_metrics, strict=True):
+            robustness[condition] = metrics.compute()  # all ranks: compute() gathers under DDP
+            metrics.reset()
+            value = robustness[condition]["mean"]["ap"]
+            if not math.isnan(value):
+                self.log(
+                    f"test_robustness/{condition}/ap", value, rank_zero_only=True, add_dataloader_idx=False
+                )
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
         self.report_test(report, scores, labels, groups)
+        if robustness:
+            self.report_robustness({self.conditions[0]: report, **robustness})
+
+    def method_label(self) -> str:
+        """The method's row name in the paper-shaped tables: `method_name` and the run's name."""
+        return f"{self.method_name or type(self).__name__} ({Path(self.trainer.default_root_dir).name})"
 
     def report_test(
         self,
@@ -129,7 +176,7 @@ class RealFakeTask(L.LightningModule):
         labels: torch.Tensor,
         groups: torch.Tensor,
     ) -> None:
-        """Tables, curves and the misclassified grid (rank zero)."""
+        """Tables (per generator; Tables I-III shape), curves and the misclassified grid (rank zero)."""
         columns = ["generator", "n", *METRIC_NAMES]
         rows = [
             [
@@ -158,6 +205,18 @@ class RealFakeTask(L.LightningModule):
                 self.trainer, "test/misclassified", image_grid(images, captions), "misclassified test images"
             )
         print("\n" + markdown + "\n")
+        columns, rows, markdown = paper_tables(report, self.method_label())
+        log_table(self.trainer, "test/paper_tables", columns, rows, markdown=markdown)
+        print(markdown + "\n")
+
+    def report_robustness(self, reports: dict[str, dict[str, dict[str, float]]]) -> None:
+        """ITEM Fig. 4 for this detector (rank zero): AP per condition as a table, JSON and plot. `reports` maps
+        each test condition, clean first, to its per-generator report."""
+        columns, rows, markdown = robustness_table(reports)
+        log_table(self.trainer, "test/robustness", columns, rows, markdown=markdown)
+        write_json(Path(self.trainer.default_root_dir) / "test_robustness.json", reports)
+        log_figure(self.trainer, "test/robustness", robustness_figure(reports))
+        print(markdown + "\n")
 
     # -- predict -------------------------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:

@@ -9,6 +9,11 @@ Batches are dicts:
     path list[str], and `skipped`: list of (path, reason) for samples of this batch that could not be decoded.
 `generator_id` indexes `datamodule.generators`, one sorted vocabulary over all splits, so ids mean the same in
 every stage and on every rank.
+
+Robustness (ITEM Fig. 4, CNNDetection): `test_perturbations` gives one test dataloader per condition, clean
+first, and `test_conditions` names them for `common.tasks.RealFakeTask`. As for `test_perturbation`, the
+perturbation is applied in the dataset to the network-sized [0, 1] image (after the evaluation resize or crop,
+before the model's normalisation), noise seeded per file, so every run sees the same pixels.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.data.collate import collate_with_skips
 from common.data.images import ImageDecodeError, SkipLog, load_rgb
 from common.data.samples import DatasetLayoutError, Sample, index_image_folder, index_source
-from common.perturbations import Perturbation
+from common.perturbations import Perturbation, parse_test_conditions
 from common.transforms import AugmentConfig, ResizeMode, build_eval_transform, build_train_transform
 
 log = logging.getLogger("forgelab.data")
@@ -112,7 +117,12 @@ class RealFakeFolder(L.LightningDataModule):
         resize: "resize" (the paper's choice: whole image rescaled), "center_crop" or "random_crop"
             (CNNDetection's choice: crops keep the generator's pixel statistics).
         augment: training augmentation (paper 003 Sec. 4); None disables it.
-        test_perturbation: robustness condition for val/test/predict, e.g. "jpeg:75" (see common.perturbations).
+        test_perturbation: one condition for val/test/predict, e.g. "jpeg:75" (see common.perturbations): the
+            whole evaluation under it.
+        test_perturbations: the robustness protocol: test conditions, e.g. [none, noise:0.001, ..., jpeg:25]
+            (configs/inpaint_probe/data/robustness.yaml); "none" (clean) first and the main test report, each a
+            test dataloader of its own; validation and predict stay clean. Not together with
+            `test_perturbation` (one is a single evaluation condition, the other the test grid): set one.
         toy_world: when set, the embedded toy world is generated at this path if missing before indexing.
     """
 
@@ -126,6 +136,7 @@ class RealFakeFolder(L.LightningDataModule):
         resize: ResizeMode = "resize",
         augment: AugmentConfig | None = None,
         test_perturbation: str | None = None,
+        test_perturbations: list[str] | None = None,
         val_fraction: float = 0.1,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -140,13 +151,21 @@ class RealFakeFolder(L.LightningDataModule):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        Perturbation.parse(test_perturbation)  # fail at config time, not at the first test batch
+        # fail at config time, not at the first test batch
+        single = Perturbation.parse(test_perturbation).spec
+        if test_perturbations is not None and test_perturbation is not None:
+            raise ValueError(
+                "set either test_perturbation (one condition for val/test/predict) or test_perturbations "
+                f"(the test grid), not both: got {test_perturbation!r} and {test_perturbations!r}"
+            )
+        conditions = parse_test_conditions(test_perturbations) if test_perturbations is not None else [single]
         self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.train_root, self.val_root, self.test_root = train_root, val_root, test_root
         self.predict_root = predict_root
         self.image_size, self.resize = image_size, resize
         self.augment = augment
         self.test_perturbation = test_perturbation
+        self.test_conditions = conditions  # one test dataloader each; the first is the main report
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -211,7 +230,8 @@ class RealFakeFolder(L.LightningDataModule):
     def skip_summary(self) -> dict[str, int]:
         return self.skips.summary()
 
-    def _dataset(self, split: str) -> RealFakeDataset:
+    def _dataset(self, split: str, condition: str | None = None) -> RealFakeDataset:
+        """The split's dataset; `condition` (test only) overrides `test_perturbation`."""
         if split not in self.samples:
             root_arg = {"train": "train_root", "val": "train_root", "test": "test_root", "predict": "predict_root"}
             raise DatasetLayoutError(f"no {split} data: set data.init_args.{root_arg[split]} in the config")
@@ -220,12 +240,12 @@ class RealFakeFolder(L.LightningDataModule):
             perturbation = None
         else:
             transform = build_eval_transform(self.image_size, self.resize)
-            perturbation = self.test_perturbation
+            perturbation = self.test_perturbation if condition is None else condition
         return RealFakeDataset(self.samples[split], transform, self.generators, perturbation)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, condition: str | None = None) -> DataLoader:
         return DataLoader(
-            self._dataset(split),
+            self._dataset(split, condition),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -241,8 +261,10 @@ class RealFakeFolder(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader per test condition (a list when there are several, clean first)."""
+        loaders = [self._loader("test", False, condition) for condition in self.test_conditions]
+        return loaders if len(loaders) > 1 else loaders[0]
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from common.backbones import create_timm_classifier, timm_data_config
 from common.experiment.reporting import image_grid, log_pil
-from common.metrics import RealFakeMetrics
 from common.tasks import RealFakeTask
 
 
@@ -109,9 +108,11 @@ class RealFakeClassifier(RealFakeTask):
         super().on_test_epoch_start()
         self._false_real = {}
 
-    def _eval_step(self, batch: dict[str, Any], metrics: RealFakeMetrics, stage: str) -> torch.Tensor | None:
-        scores = super()._eval_step(batch, metrics, stage)
-        if stage == "test" and scores is not None and self.false_real_images:
+    def test_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor | None:
+        scores = super().test_step(batch, batch_idx, dataloader_idx)
+        if dataloader_idx == 0 and scores is not None and self.false_real_images:  # clean test images only
             self._collect_false_real(batch, scores.detach())
         return scores
 

@@ -5,15 +5,14 @@ logits = MLP(D) (Eq. 9); the loss is Eq. 10. Only the head has parameters (AdamW
 50 epochs, as the paper). The frozen models never enter this module: they live in the datamodule's cached
 stage, so "only the head trains" holds by construction.
 
-Beyond RealFakeTask's per-generator report, testing writes the paper-shaped Tables I-III, the Fig. 4
-robustness table and plot when the datamodule has several test conditions, and the Fig. 9 t-SNE of D (with
-the CLIP image embedding, UniFD's representation, for comparison). `predict` writes path, caption, score,
-label.
+RealFakeTask writes the per-generator report, the paper-shaped Tables I-III and, when the datamodule has
+several test conditions, the Fig. 4 robustness table and plot, as for every detector; ITEM adds the Fig. 9
+t-SNE of D (with the CLIP image embedding, UniFD's representation, for comparison). `predict` writes path,
+caption, score, label.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,8 @@ from lightning.pytorch.loggers import WandbLogger
 from torchvision.transforms.functional import pil_to_tensor
 
 from common.data.images import ImageDecodeError, load_rgb
-from common.experiment.reporting import log_figure, log_table
+from common.experiment.reporting import log_figure
 from common.io import write_csv, write_json
-from common.metrics import RealFakeMetrics
 from common.tasks import RealFakeTask
 from projects.item_detector.head import MisalignmentHead, fake_probability, item_bce
 from projects.item_detector.misalignment import (
@@ -34,7 +32,7 @@ from projects.item_detector.misalignment import (
     local_distance,
     misalignment_vector,
 )
-from projects.item_detector.report import paper_tables, robustness_figure, robustness_table, tsne_figure
+from projects.item_detector.report import tsne_figure
 
 
 class ItemDetector(RealFakeTask):
@@ -51,6 +49,7 @@ class ItemDetector(RealFakeTask):
         tsne_max_points: images per generator shown in the Fig. 9 t-SNE (0 disables the figure).
     """
 
+    method_name = "ITEM"
     monitor = None  # the paper trains 50 epochs and uses the last head; validation metrics are logged only
 
     def __init__(
@@ -79,11 +78,8 @@ class ItemDetector(RealFakeTask):
         self.head: MisalignmentHead | None = None
         if feature_dim is not None:
             self.head = MisalignmentHead(feature_dim, hidden_features, dropout)
-        self.conditions: list[str] = ["none"]
-        self.condition_metrics: list[RealFakeMetrics] = []
         self._tsne: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._captions: dict[str, str] = {}
-        self._clean_report: dict[str, dict[str, float]] | None = None
 
     def configure_model(self) -> None:
         """Build the head once the datamodule knows the CLIP embedding size (before any checkpoint loads)."""
@@ -131,46 +127,30 @@ class ItemDetector(RealFakeTask):
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
-        conditions = list(getattr(self.trainer.datamodule, "test_conditions", ["none"]))
-        self.conditions = conditions
-        names = self.test_metrics.generator_names
-        self.condition_metrics = [
-            RealFakeMetrics(names, self.threshold).to(self.device) for _ in conditions[1:]
-        ]
         self._tsne = []
-        self._clean_report = None
         self._report_feature_health()
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self._is_empty(batch):
-            return
-        distance = self.distance(batch)
-        logits = self.head(distance)
-        scores = self.scores(logits)
-        labelled = batch["label"] >= 0
-        if labelled.any():
-            loss = self.loss(logits[labelled], batch["label"][labelled])
-            self.log("test/loss", loss, batch_size=int(labelled.sum()), sync_dist=True)
-        metrics = self.test_metrics if dataloader_idx == 0 else self.condition_metrics[dataloader_idx - 1]
-        metrics.update(scores, batch["label"], batch["generator_id"], batch["index"])
-        if dataloader_idx != 0:
-            return
-        if self.hparams.tsne_max_points > 0:
+    def test_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor | None:
+        """The base test step (metrics per condition, misclassified grid), and D of the clean images for Fig. 9."""
+        scores = super().test_step(batch, batch_idx, dataloader_idx)
+        if scores is not None and dataloader_idx == 0 and self.hparams.tsne_max_points > 0:
             self._tsne.append(
                 (
-                    distance.detach().cpu(),
+                    self.distance(batch).detach().cpu(),
                     batch["global_image"].detach().cpu(),
                     batch["label"].cpu(),
                     batch["generator_id"].cpu(),
                 )
             )
-        wrong = ((scores >= self.threshold).long() != batch["label"]) & labelled
-        wrong = wrong.nonzero().flatten().tolist()
-        for i in wrong[: max(0, self.max_misclassified - len(self._misclassified))]:
-            self._misclassified.append(self._thumbnail(batch, i, float(scores[i])))
+        return scores
 
-    def _thumbnail(self, batch: dict[str, Any], i: int, score: float) -> tuple[torch.Tensor, str]:
-        """A misclassified image with its truth, score and (start of) caption, for the report's grid."""
+    def misclassified_thumbnail(
+        self, batch: dict[str, Any], i: int, score: float
+    ) -> tuple[torch.Tensor, str]:
+        """A misclassified image (decoded from its file: batches hold embeddings) with its truth, score and (start
+        of) caption, for the report's grid."""
         try:
             image = pil_to_tensor(load_rgb(batch["path"][i]).resize((128, 128))).float() / 255
         except ImageDecodeError:
@@ -185,13 +165,8 @@ class ItemDetector(RealFakeTask):
         labels: torch.Tensor,
         groups: torch.Tensor,
     ) -> None:
-        """The base per-generator report, then Tables I-III in the paper's shape and the Fig. 9 t-SNE."""
+        """The base report (per generator, Tables I-III shape), then the Fig. 9 t-SNE."""
         super().report_test(report, scores, labels, groups)
-        self._clean_report = report
-        method = f"ITEM ({Path(self.trainer.default_root_dir).name})"
-        columns, rows, markdown = paper_tables(report, method)
-        log_table(self.trainer, "test/paper_tables", columns, rows, markdown=markdown)
-        print(markdown + "\n")
         if self._tsne and self.hparams.tsne_max_points > 0:
             distances, images, tsne_labels, tsne_groups = (torch.cat(parts) for parts in zip(*self._tsne))
             figure = tsne_figure(
@@ -202,28 +177,6 @@ class ItemDetector(RealFakeTask):
                 self.hparams.tsne_max_points,
             )
             log_figure(self.trainer, "test/tsne", figure)
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        if not self.condition_metrics:
-            return
-        reports = {}
-        for condition, metrics in zip(self.conditions[1:], self.condition_metrics):
-            reports[condition] = metrics.compute()  # all ranks: compute() gathers under DDP
-            metrics.reset()
-            value = reports[condition]["mean"]["ap"]
-            if not math.isnan(value):
-                self.log(
-                    f"test_robustness/{condition}/ap", value, rank_zero_only=True, add_dataloader_idx=False
-                )
-        if not self.trainer.is_global_zero or self._clean_report is None:
-            return
-        reports = {self.conditions[0]: self._clean_report, **reports}
-        columns, rows, markdown = robustness_table(reports)
-        log_table(self.trainer, "test/robustness", columns, rows, markdown=markdown)
-        write_json(Path(self.trainer.default_root_dir) / "test_robustness.json", reports)
-        log_figure(self.trainer, "test/robustness", robustness_figure(reports))
-        print(markdown + "\n")
 
     def _report_feature_health(self) -> None:
         """ITEM's input checks per split (empty or overlong captions, no objects, boxes outside the image) and
