@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from common.data.captioned import CaptionedParts, read_captioned_manifest
@@ -104,6 +105,28 @@ def test_finelip_reads_descriptions_past_77_tokens():
     assert model.clip.vision_model.embeddings.patch_embedding.weight.grad is not None
     with pytest.raises(ConfigError, match="max_text_tokens"):
         FineLIPClassifier(preset="tiny", num_classes=2, max_text_tokens=100)
+
+
+def test_finelip_image_size_keeps_every_pixel_and_interpolates_the_position_embeddings():
+    torch.manual_seed(0)
+    native = FineLIPClassifier(preset="tiny", num_classes=2)  # the tiny CLIP's 32 px, 8 px patches: 4x4 grid
+    wide = FineLIPClassifier(preset="tiny", num_classes=2, image_size=64)
+    wide.load_state_dict(native.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    assert native.image_patches(images).shape[1] == 1 + 16  # resized to 32 px
+    patches = wide.image_patches(images)
+    assert patches.shape[1] == 1 + 64  # every 8 px patch of the 64 px image
+    # at the native size interpolation is the identity: the same tokens as the plain forward
+    small = torch.rand(2, 3, 32, 32)
+    states = native.clip.vision_model(
+        pixel_values=(small - native.mean) / native.std, interpolate_pos_encoding=True
+    ).last_hidden_state
+    expected = F.normalize(
+        native.clip.visual_projection(native.clip.vision_model.post_layernorm(states)), dim=-1
+    )
+    torch.testing.assert_close(native.image_patches(small), expected)
+    with pytest.raises(ConfigError, match="multiple of the CLIP patch size 8"):
+        FineLIPClassifier(preset="tiny", num_classes=2, image_size=60)
 
 
 # -- augmentation plan and command ---------------------------------------------------------------------------------
@@ -408,21 +431,28 @@ def _augmented_manifest(toy: Path, out: Path, per_class: int = 1) -> Path:
     return out / "manifest.jsonl"
 
 
-def test_fg_table1_matches_steps_and_validation_points_and_reuses_finished_pairs(small_toy_world, tmp_path):
-    augmented = _augmented_manifest(small_toy_world, tmp_path / "aug")
+def _table1_argv(augmented: Path, toy: Path, root: Path, seeds: tuple[str, ...]) -> list[str]:
+    """`forgelab fg-table1` of the tiny ResNet-101 row on the small toy world, without W&B."""
     config = REPO / "configs/fg_guidance/subtype_resnet101.yaml"
-    argv = [
+    return [
         "fg-table1",
         f"--augmented={augmented}",
         f"--trainer={REPO / 'configs/trainer/cpu.yaml'}",
         "--methods",
         "ResNet-101",
         "--seeds",
-        "3",
-        f"--root={tmp_path}",
-        "--name=t1",
+        *seeds,
+        f"--root={root}",
         "--no-wandb",
-        *tiny_overrides(config, small_toy_world),
+        *tiny_overrides(config, toy),
+    ]
+
+
+def test_fg_table1_matches_steps_and_validation_points_and_reuses_finished_pairs(small_toy_world, tmp_path):
+    augmented = _augmented_manifest(small_toy_world, tmp_path / "aug")
+    argv = [
+        *_table1_argv(augmented, small_toy_world, tmp_path, seeds=("3",)),
+        "--name=t1",
         "--set",
         "--trainer.max_epochs=2",
         "--trainer.log_every_n_steps=1",
@@ -464,24 +494,13 @@ def test_fg_table1_runs_pairs_in_parallel_forked_children(small_toy_world, tmp_p
     import sys
 
     augmented = _augmented_manifest(small_toy_world, tmp_path / "aug")
-    config = REPO / "configs/fg_guidance/subtype_resnet101.yaml"
     base = [
         sys.executable,
         "-m",
         "common.experiment.cli",
-        "fg-table1",
-        f"--augmented={augmented}",
-        f"--trainer={REPO / 'configs/trainer/cpu.yaml'}",
-        "--methods",
-        "ResNet-101",
-        "--seeds",
-        "0",
-        "1",
+        *_table1_argv(augmented, small_toy_world, tmp_path, seeds=("0", "1")),
         "--parallel",
         "2",
-        f"--root={tmp_path}",
-        "--no-wandb",
-        *tiny_overrides(config, small_toy_world),
         "--trainer.max_epochs=1",
     ]
     done = subprocess.run([*base, "--name=par"], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -372,6 +372,8 @@ def test_a_tiny_fit_decreases_the_total_loss(pairs, tmp_path):
     # the last image has no boxes: Eq. 3 skips it on each of the 10 steps, and the run's metrics must say so
     fixed["boxes"] = [*fixed["boxes"][:-1], torch.zeros(0, 4)]
     fixed["phrases"] = [*fixed["phrases"][:-1], []]
+    # and a caption past CLIP's 77 tokens, which the text encoder truncates (counted in the run's metrics)
+    fixed["caption"] = [*fixed["caption"][:-1], "a valve with " + ", ".join(f"bolt {i}" for i in range(40))]
 
     def loss_on_fixed_batch() -> float:
         with torch.no_grad():
@@ -400,6 +402,9 @@ def test_a_tiny_fit_decreases_the_total_loss(pairs, tmp_path):
     assert logged["train/detail_skipped_images_without_pairs"].item() == 10
     assert logged["train/detail_skipped_phrases_past_token_limit"].item() == 0
     assert logged["train/detail_active_steps"].item() == 10
+    assert (
+        logged["train/truncated_captions"].item() == 11
+    )  # the measurement before the fit, then once per step
     assert LOSS_NAMES == ("contrast", "detail", "temporal", "env")
 
 

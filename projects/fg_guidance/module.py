@@ -405,6 +405,8 @@ class FineGrainedGuidance(L.LightningModule):
         totals = {"train/detail_active_steps": float(self.detail_steps)}
         for key in DETAIL_SKIPS:
             totals[f"train/detail_skipped_{key}"] = float(self.detail_skips[key])
+        # captions cut at the text encoder's token limit since the generator was built (train and validation)
+        totals["train/truncated_captions"] = float(self.generator.truncated_captions)
         self.log_dict(totals, batch_size=size, reduce_fx="sum", sync_dist=True)
         self.lambda_history.append([step, *lambdas.tolist()])
 

@@ -240,6 +240,10 @@ class FineLIPClassifier(SubtypeTask):
         max_text_tokens: position embeddings after the stretch (248 = Long-CLIP's; must equal
             20 + (77 - 20) * factor for the 77-position CLIP text tower).
         freeze_text: keep the text tower frozen (only the image tower and logit scale train).
+        image_size: the side the image tower sees; None = the CLIP's own input size (images of another size are
+            resized to it). A different size keeps every pixel and interpolates the vision position embeddings
+            (transformers' `interpolate_pos_encoding`, as for CLIP fine-tuned at higher resolution), so a 64 px
+            image gives the tiny preset's 8 px patches an 8x8 grid instead of 4x4.
         lr, weight_decay: AdamW.
     """
 
@@ -250,10 +254,13 @@ class FineLIPClassifier(SubtypeTask):
         num_classes: int = 24,
         max_text_tokens: int = 248,
         freeze_text: bool = False,
+        image_size: int | None = None,
         lr: float = 1e-5,
         weight_decay: float = 1e-4,
     ) -> None:
         super().__init__(num_classes, lr, weight_decay)
+        if image_size is not None and image_size < 1:
+            raise ConfigError(f"image_size must be a positive number of pixels or null, got {image_size}")
         self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         model, processor = create_clip(clip_model_id, preset=preset)
         self.clip = model.train()
@@ -270,7 +277,13 @@ class FineLIPClassifier(SubtypeTask):
             self.clip.text_model.requires_grad_(False)
             self.clip.text_projection.requires_grad_(False)
         crop = processor.image_processor.crop_size
-        self.input_size = int(crop["height"])
+        self.clip_size = int(crop["height"])  # the side the position embeddings were trained for
+        self.input_size = self.clip_size if image_size is None else int(image_size)
+        patch = self.clip.config.vision_config.patch_size
+        if self.input_size % patch:
+            raise ConfigError(
+                f"image_size must be a multiple of the CLIP patch size {patch}, got {self.input_size}"
+            )
         image_processor = processor.image_processor
         self.register_buffer(
             "mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1), persistent=False
@@ -321,7 +334,10 @@ class FineLIPClassifier(SubtypeTask):
             images = F.interpolate(
                 images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True
             )
-        vision = self.clip.vision_model(pixel_values=(images - self.mean) / self.std)
+        vision = self.clip.vision_model(
+            pixel_values=(images - self.mean) / self.std,
+            interpolate_pos_encoding=self.input_size != self.clip_size,
+        )
         states = self.clip.vision_model.post_layernorm(vision.last_hidden_state)  # CLS + patches
         return F.normalize(self.clip.visual_projection(states), dim=-1)
 
