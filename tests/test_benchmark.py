@@ -143,6 +143,15 @@ def test_bad_benchmark_files_are_one_clear_line(tmp_path, text, message) -> None
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("path", sorted((CONFIGS / "benchmarks").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_benchmark_files_commands_parse_with_the_cli(path) -> None:
+    code, out, err = run_cli(["benchmark", str(path), "--dry-run"])
+    assert code == 0, err
+    bench = load_benchmark(path)
+    assert out.count("forgelab fit --config") == len(bench.detectors)
+    assert f"--run.group={bench.group}" in out and f"--seed_everything={bench.seed}" in out
+
+
 def test_the_toy_benchmark_lists_the_classifier_item_and_unifd_whose_configs_exist() -> None:
     bench = load_benchmark(TOY)
     assert [d.name for d in bench.detectors] == ["classifier", "ITEM", "UniFD"]
@@ -150,7 +159,8 @@ def test_the_toy_benchmark_lists_the_classifier_item_and_unifd_whose_configs_exi
     assert bench.group == "toy" and bench.seed == 42
 
 
-# --- one benchmark through the real CLI ----------------------------------------------------------------------------
+# --- one benchmark through the real CLI (about 15 s: `make test-slow`; the fast test above builds the same tables
+# from synthetic run directories) ----------------------------------------------------------------------------------
 
 
 def _detector(name: str, config: Path, toy: Path, *extra: str) -> dict:
@@ -210,6 +220,7 @@ def benchmark_runs(small_toy_world, tmp_path_factory) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_unifd_after_item_reads_the_cache_and_extracts_nothing(benchmark_runs) -> None:
     assert benchmark_runs["cache_before"] and benchmark_runs["cache_after"] == benchmark_runs["cache_before"]
     assert benchmark_runs["extraction_calls"] == []
@@ -217,6 +228,7 @@ def test_unifd_after_item_reads_the_cache_and_extracts_nothing(benchmark_runs) -
     assert state["UniFD"]["status"] == "trained"
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_finished_runs_and_a_failing_detector_is_a_row(benchmark_runs) -> None:
     out = benchmark_runs["out"]
     state = json.loads((out / "benchmark.json").read_text())["detectors"]
@@ -231,6 +243,7 @@ def test_a_rerun_reuses_finished_runs_and_a_failing_detector_is_a_row(benchmark_
     assert "broken (failed: " in benchmark_runs["printed"] and "| ITEM |" in benchmark_runs["printed"]
 
 
+@pytest.mark.slow
 def test_the_benchmark_table_and_curves_are_the_runs_own_reports(benchmark_runs) -> None:
     out = benchmark_runs["out"]
     runs = out / "runs" / "bench"

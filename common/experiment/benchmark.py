@@ -293,6 +293,9 @@ def write_tables(benchmark: Benchmark, directory: Path, state: dict[str, dict[st
         save_figure(directory / "plots" / "robustness.png", figure)
         plt.close(figure)
         sections.append(curves)
+    else:  # no detector has a robustness grid (any more): no curves left over from an earlier run
+        for stale in ("robustness.csv", "robustness.md", "plots/robustness.png"):
+            (directory / stale).unlink(missing_ok=True)
     header = ["detector", "status", "seed", "seconds", "run directory", "error"]
     runs = [
         [d.name, state[d.name]["status"], state[d.name].get("seed"), state[d.name].get("seconds"),
