@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import projects.item_detector.data as item_data
+from common.errors import ConfigError
 from common.experiment.benchmark import Benchmark, Detector, load_benchmark, write_tables
 from tests.cli_helpers import CONFIGS, run_cli, tiny_overrides
 
@@ -120,6 +121,55 @@ def test_tables_and_curves_are_each_runs_reports_and_compare_rebuilds_them(tmp_p
     rebuilt = {r["method"]: r for r in _csv(tmp_path / "c" / "detectors.csv")}
     assert set(rebuilt) == {"ITEM", "UniFD"}  # a failed detector left no finished run to rebuild
     assert all(rebuilt[row["method"]] == row for row in table if row["method"] in rebuilt)
+
+
+def test_reruns_resume_from_last_ckpt_start_over_without_one_and_refuse_changed_commands(
+    tmp_path, monkeypatch
+) -> None:
+    """The rerun rules on stand-in runs (a fake `run_forgelab` writing what a finished fit writes)."""
+    import common.experiment.benchmark as benchmark
+
+    calls: list[list[str]] = []
+
+    def fake_run(arguments: list[str], stderr=None) -> tuple[None, str]:
+        calls.append(arguments)
+        option = dict(a[2:].split("=", 1) for a in arguments if a.startswith("--run."))
+        run = Path(option["run.root"]) / "p" / option["run.name"]
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "run.json").write_text(json.dumps({"outcome": "completed", "seed": 3}))
+        (run / "test_metrics.json").write_text(json.dumps(_report({"gan": (1.0, 1.0, 1.0)})))
+        return None, "ok"
+
+    monkeypatch.setattr(benchmark, "run_forgelab", fake_run)
+    config = tmp_path / "c.yaml"
+    config.write_text("{}")
+    detectors = [Detector(n, [str(config)]) for n in ("resumed", "fresh", "missing")]
+    detectors[2].configs = [str(tmp_path / "nope.yaml")]
+    bench = Benchmark("b", "B", "p", "g", 3, [], {}, detectors, source=str(config))
+    runner = benchmark.BenchmarkRun(bench, tmp_path / "runs")
+    interrupted = runner.run_dir(detectors[0])
+    (interrupted / "checkpoints").mkdir(parents=True)
+    (interrupted / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (interrupted / "run.json").write_text(json.dumps({"outcome": "interrupted"}))
+    stale = runner.run_dir(detectors[1])
+    stale.mkdir(parents=True)
+    (stale / "run.json").write_text(json.dumps({"outcome": "failed: boom"}))
+    runner.run()
+    state = runner.state
+    assert calls[0][-1] == f"--ckpt_path={interrupted / 'checkpoints' / 'last.ckpt'}"
+    assert state["resumed"]["status"] == "resumed" and state["fresh"]["status"] == "trained"
+    assert not any(a.startswith("--ckpt_path") for a in calls[1])
+    assert (
+        json.loads((stale.with_name("fresh.failed-1") / "run.json").read_text())["outcome"] == "failed: boom"
+    )
+    assert state["missing"]["status"] == "failed" and "do not exist" in state["missing"]["error"]
+    assert len(calls) == 2  # the missing config ran nothing
+    runner = benchmark.BenchmarkRun(bench, tmp_path / "runs")  # a rerun: finished runs are skipped
+    runner.run()
+    assert len(calls) == 2 and runner.state["fresh"]["status"] == "reused"
+    bench.seed = 4  # a finished detector's command changed
+    with pytest.raises(ConfigError, match="arguments changed"):
+        benchmark.BenchmarkRun(bench, tmp_path / "runs").run()
 
 
 @pytest.mark.parametrize(

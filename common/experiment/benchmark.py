@@ -28,8 +28,9 @@ other, in `runs/benchmarks/<name>/runs/<project>/<detector>/`. Then, in `runs/be
 A detector whose run fails is a row saying so, with its error line (its log: <run dir>/output.log, or
 benchmark-logs/<detector>.log when it left no run directory), and the others still run. Running the command
 again reuses every finished run (its test_metrics.json is read, nothing is trained: skip), resumes an
-interrupted one from its last.ckpt, and retries a failed one from scratch (its old directory kept as
-`<detector>.failed-<n>`); a finished detector whose arguments changed since is an error, not silently reused.
+unfinished one (interrupted, or failed after its first epoch) from its last.ckpt, and starts one without a
+checkpoint over (its old directory kept as `<detector>.failed-<n>`); a finished detector whose arguments changed
+since is an error, not silently reused.
 `forgelab compare runs/benchmarks/<name> --table configs/benchmarks/tables/detectors.yaml` rebuilds the table
 from the run directories alone.
 """
