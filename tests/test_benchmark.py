@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import yaml
 import projects.item_detector.data as item_data
 from common.errors import ConfigError
 from common.experiment.benchmark import Benchmark, Detector, load_benchmark, write_tables
+from common.experiment.detector_report import methods_table
 from tests.cli_helpers import CONFIGS, run_cli, tiny_overrides
 
 DETECTORS_SPEC = CONFIGS / "benchmarks" / "tables" / "detectors.yaml"
@@ -316,3 +318,15 @@ def test_the_benchmark_table_and_curves_are_the_runs_own_reports(benchmark_runs)
     assert code == 0, err
     rebuilt = {r["method"]: r for r in _csv(benchmark_runs["tmp"] / "compare" / "detectors.csv")}
     assert [rebuilt[r["method"]] for r in _csv(out / "table.csv")[:2]] == _csv(out / "table.csv")[:2]
+
+
+def test_methods_table_marks_one_class_generators_and_leaves_missing_generators_empty() -> None:
+    with_ldm = _report({"gan": (0.9, 0.8, 0.95), "ldm": (0.7, 0.6, 0.75)})
+    with_ldm["ldm"] |= {"fake_acc": math.nan, "ap": math.nan}  # ldm's test images: real only
+    without_ldm = _report({"gan": (1.0, 0.5, 0.9)})
+    columns, rows, markdown = methods_table({"A": with_ldm, "B": without_ldm})
+    assert columns[:6] == ["method", "status", "gan real ACC", "gan fake ACC", "gan ACC", "gan AP"]
+    assert columns[6:10] == ["ldm real ACC", "ldm fake ACC", "ldm ACC", "ldm AP"] and columns[-1] == "mAP"
+    assert rows[0][6:10] == [70.0, None, 65.0, None] and rows[1][6:10] == [None, None, None, None]
+    assert "| A | 90.00 | 80.00 | 85.00 | 95.00 | 70.00 | - | 65.00 | n/a (one class) |" in markdown
+    assert "leaves out ldm (only real)" in markdown

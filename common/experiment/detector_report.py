@@ -4,7 +4,10 @@ AP under each perturbation and level of the robustness protocol.
 
 Builders here are plain functions of metric reports (`common.metrics.RealFakeMetrics.compute()` output:
 {generator: {acc, real_acc, fake_acc, ap, ...}, "mean": ..., "pooled": ...}); `common.tasks.RealFakeTask` and
-the comparison commands write what they return with common.experiment.reporting (CSV + Markdown + W&B).
+the comparison commands write what they return with common.experiment.reporting (CSV + Markdown + W&B). One
+method's tables (`paper_tables`, `accuracy_table`, `robustness_table`, `robustness_figure`) and several methods'
+(`methods_table`, `methods_robustness_table`, `methods_robustness_figure`: `forgelab benchmark` and
+`forgelab compare --table` with `shape: detectors`) share their rows, cells and panels.
 
 A test generator whose subset holds one class only (all real or all generated) has no AP; the mean over
 generators (`mAP`, `mean AP`) then leaves it out. That is never silent here: its AP cell reads "n/a (one class)"
