@@ -2,7 +2,7 @@
 
 Each stage is a real `forgelab` command (the same a user types); the demo prints each stage's result table and
 where its run files went, then a timing summary. Stages can be chosen: `python scripts/demo.py classifier`; the `sweep`
-stage runs only when named.
+and `benchmark` stages run only when named.
 """
 
 from __future__ import annotations
@@ -179,6 +179,16 @@ STAGES: list[Stage] = [
         results=("compare/compare.md",),
         place=("--root", "--name"),
         default=False,  # keeps `make demo` within its 10 minutes; the sweep's own tests run it on every `make test`
+    ),
+    Stage(
+        name="benchmark",
+        title="Detectors compared (ITEM Tables I-II and Fig. 4 shape): classifier, ITEM, UniFD on the same toy data",
+        command=["benchmark", "configs/benchmarks/toy.yaml"],
+        project="benchmarks",  # runs/demo/benchmarks/toy/: table.md, robustness.md, the runs below runs/
+        run_name="toy",
+        results=("table.md", "robustness.md"),
+        place=("--root", "--name"),
+        default=False,  # trains the classifier and ITEM again (UniFD reads ITEM's cache): over the demo's budget
     ),
 ]
 

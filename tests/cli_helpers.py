@@ -20,9 +20,14 @@ TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 
 
 def is_overlay(path: Path) -> bool:
-    """Trainer presets, data overlays, sweep files and table specs go with experiment configs; they are not one."""
+    """Trainer presets, data overlays, sweep files, benchmark files and table specs go with experiment configs; they
+    are not one."""
     relative = path.relative_to(CONFIGS).parts
-    return relative[0] in ("trainer", "sweeps") or "data" in relative[:-1] or "tables" in relative[:-1]
+    return (
+        relative[0] in ("trainer", "sweeps", "benchmarks")
+        or "data" in relative[:-1]
+        or "tables" in relative[:-1]
+    )
 
 
 def command_of(path: Path) -> str | None:

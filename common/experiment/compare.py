@@ -49,6 +49,8 @@ SWEEP_STATE = "sweep.json"  # a sweep directory's state (common/experiment/sweep
 IGNORED_KEYS = {"run.name", "run.root", "run.notes", "ckpt_path", "trainer.default_root_dir"}
 # metric names whose lower values are better; every other metric is better higher
 LOWER_IS_BETTER = ("loss", "fid", "fd_", "err", "niqe", "lpips", "mse", "kid", "ece")
+# what a table spec can be: named metric columns, or the detectors' table of `forgelab benchmark`
+TABLE_SHAPES = ("columns", "detectors")
 # test report entries that are not generators
 NOT_GENERATORS = ("mean", "pooled")
 
@@ -554,12 +556,15 @@ def curves_figure(comparison: Comparison) -> Any | None:
 # -- paper-shaped tables ----------------------------------------------------------------------------------------
 @dataclass
 class TableSpec:
-    """A paper table as data: rows named by a config key, named metric columns (see table3.yaml)."""
+    """A paper table as data: rows named by a config key, named metric columns (see table3.yaml); or, with
+    `shape: detectors`, the detectors' table of `forgelab benchmark` (configs/benchmarks/tables/detectors.yaml:
+    ACC real/fake/mean and AP per test generator and their means, one row per detector)."""
 
     name: str
     title: str
     row: str
     columns: dict[str, str]
+    shape: str = "columns"
     row_header: str = "run"
     row_names: dict[str, str] = field(default_factory=dict)
     generator: str = "mean"
@@ -571,14 +576,17 @@ def load_table_spec(path: str | Path) -> TableSpec:
     if not path.is_file():
         raise ConfigError(f"table spec {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
-    missing = [k for k in ("row", "columns") if k not in data]
+    shape = str(data.get("shape", "columns"))
+    if shape not in TABLE_SHAPES:
+        raise ConfigError(f"table spec {path}: shape must be one of {', '.join(TABLE_SHAPES)}, got {shape}")
+    missing = [k for k in ("row", "columns") if k not in data and (k == "row" or shape == "columns")]
     if missing:
         raise ConfigError(f"table spec {path} lacks {', '.join(missing)}")
-    if not isinstance(data["columns"], dict) or not data["columns"]:
+    if shape == "columns" and (not isinstance(data["columns"], dict) or not data["columns"]):
         raise ConfigError(
             f"table spec {path}: columns must map a header to a metric, e.g. Accuracy: test/{{generator}}/acc"
         )
-    known = {"name", "title", "row", "columns", "row_header", "row_names", "generator", "digits"}
+    known = {"name", "title", "row", "columns", "row_header", "row_names", "generator", "digits", "shape"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"table spec {path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -586,7 +594,8 @@ def load_table_spec(path: str | Path) -> TableSpec:
         name=str(data.get("name", path.stem)),
         title=str(data.get("title", path.stem)),
         row=str(data["row"]),
-        columns={str(k): str(v) for k, v in data["columns"].items()},
+        columns={str(k): str(v) for k, v in (data.get("columns") or {}).items()},
+        shape=shape,
         row_header=str(data.get("row_header", "run")),
         row_names={str(k): str(v) for k, v in (data.get("row_names") or {}).items()},
         generator=str(data.get("generator", "mean")),
@@ -603,6 +612,8 @@ def render_table_spec(
     spec: TableSpec, records: Sequence[RunRecord], generator: str | None = None
 ) -> tuple[str, list[str], list[list[Any]]]:
     """One row per distinct value of `spec.row` (runs sharing it, e.g. seeds, are averaged and counted)."""
+    if spec.shape == "detectors":
+        return render_detectors_table(spec, records)
     generator = generator or spec.generator
     available = sorted({g for r in records for g in r.test_report})
     keys = {header: metric.format(generator=generator) for header, metric in spec.columns.items()}
@@ -641,6 +652,39 @@ def render_table_spec(
     note = "\n\nRows averaged over the runs counted in `runs`." if repeated else ""
     markdown = f"**{spec.title}**{subset}\n\n" + markdown_table(header, rows, spec.digits) + note
     return markdown, header, rows
+
+
+def render_detectors_table(
+    spec: TableSpec, records: Sequence[RunRecord]
+) -> tuple[str, list[str], list[list[Any]]]:
+    """`shape: detectors`: the finished runs' test reports (test_metrics.json) as `forgelab benchmark`'s table,
+    by the same function (`detector_report.methods_table`); runs sharing a row name are averaged."""
+    from common.experiment.detector_report import methods_table
+
+    grouped: dict[str, list[RunRecord]] = {}
+    for record in records:
+        value = record.param(spec.row)
+        if record.state == "finished" and value is not None and record.test_report:
+            grouped.setdefault(_row_name(spec, value), []).append(record)
+    if not grouped:
+        raise ForgelabError(f"no finished run has both '{spec.row}' in its config and a test report")
+    order = list(dict.fromkeys(spec.row_names.values()))
+    names = sorted(grouped, key=lambda n: (order.index(n) if n in order else len(order), n))
+    reports = {name: mean_report([r.test_report for r in grouped[name]]) for name in names}
+    _columns, rows, markdown = methods_table(reports)
+    counts = {name: len(grouped[name]) for name in names if len(grouped[name]) > 1}
+    note = f"\n\nRows averaged over several runs: {counts}." if counts else ""
+    return f"**{spec.title}**\n\n{markdown}{note}", _columns, rows
+
+
+def mean_report(reports: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Metric by metric mean of several test reports (a metric some report lacks is averaged over the others)."""
+    out: dict[str, dict[str, float]] = {}
+    for generator in dict.fromkeys(g for r in reports for g in r):
+        metrics = dict.fromkeys(m for r in reports for m in r.get(generator, {}))
+        values = {m: [r[generator][m] for r in reports if m in r.get(generator, {})] for m in metrics}
+        out[generator] = {m: sum(v) / len(v) for m, v in values.items()}
+    return out
 
 
 # -- the whole comparison ---------------------------------------------------------------------------------------

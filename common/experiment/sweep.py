@@ -46,6 +46,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -266,11 +267,12 @@ def parse_with_cli(arguments: list[str]) -> str | None:
     return run_forgelab(arguments)[0]
 
 
-def run_forgelab(arguments: list[str]) -> tuple[str | None, str]:
-    """`forgelab <arguments>` in this process: (the one-line error or None, what it printed on stdout)."""
+def run_forgelab(arguments: list[str], stderr: io.StringIO | None = None) -> tuple[str | None, str]:
+    """`forgelab <arguments>` in this process: (the one-line error or None, what it printed on stdout). What it
+    printed on stderr (and the traceback of an exception) goes to `stderr` when given."""
     from common.experiment.cli import main as forgelab_main
 
-    out, err = io.StringIO(), io.StringIO()
+    out, err = io.StringIO(), stderr if stderr is not None else io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             forgelab_main(arguments)
@@ -279,6 +281,7 @@ def run_forgelab(arguments: list[str]) -> tuple[str | None, str]:
             problem = one_line_cli_error(err.getvalue()) or f"the command exits with {exit_.code}"
             return problem, out.getvalue()
     except Exception as exc:  # the trial would crash on it the same way
+        traceback.print_exc(file=err)
         return f"{type(exc).__name__}: {exc}".splitlines()[0], out.getvalue()
     return None, out.getvalue()
 

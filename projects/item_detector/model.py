@@ -35,6 +35,15 @@ from projects.item_detector.misalignment import (
 from projects.item_detector.report import tsne_figure
 
 
+def file_thumbnail(path: str, size: int = 128) -> torch.Tensor:
+    """A (3, size, size) thumbnail decoded from the image file (batches of cached features hold no pixels);
+    black when the file no longer decodes."""
+    try:
+        return pil_to_tensor(load_rgb(path).resize((size, size))).float() / 255
+    except ImageDecodeError:
+        return torch.zeros(3, size, size)
+
+
 class ItemDetector(RealFakeTask):
     """ITEM's MLP head on the hierarchical misalignment D.
 
@@ -151,12 +160,8 @@ class ItemDetector(RealFakeTask):
     ) -> tuple[torch.Tensor, str]:
         """A misclassified image (decoded from its file: batches hold embeddings) with its truth, score and (start
         of) caption, for the report's grid."""
-        try:
-            image = pil_to_tensor(load_rgb(batch["path"][i]).resize((128, 128))).float() / 255
-        except ImageDecodeError:
-            image = torch.zeros(3, 128, 128)
         truth = "fake" if int(batch["label"][i]) == 1 else "real"
-        return image, f"{truth} p={score:.2f}\n{batch['caption'][i][:20]}"
+        return file_thumbnail(batch["path"][i]), f"{truth} p={score:.2f}\n{batch['caption'][i][:20]}"
 
     def report_test(
         self,
