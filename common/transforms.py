@@ -27,8 +27,9 @@ class AugmentConfig:
     jitter (`paper_augmentations`), each applied with probability `p`; a parameter of 0 disables one.
     CNNDetection (Wang et al., CVPR 2020): `blur_jpeg_p` > 0 turns on their Blur+JPEG augmentation
     (`BlurJpegAugment`, the paper's "Blur+JPEG (0.5)" and "(0.1)" settings) on the full image before the crop,
-    with `blur_sigma` and `jpeg_quality` as its ranges. `horizontal_flip` (not in paper 003's list, off in its
-    configs; on in CNNDetection's) applies when any augmentation is on (`p` > 0 or `blur_jpeg_p` > 0)."""
+    with `blur_sigma` and `jpeg_quality` as its ranges. `horizontal_flip` is a switch of its own (not in paper
+    003's list, off in its configs; on in CNNDetection's and NPR's, whose only augmentation it is for NPR); no
+    AugmentConfig at all (`augment: null`) means no augmentation, flip included."""
 
     p: float = 0.5
     rotation_degrees: float = 15.0
@@ -56,11 +57,6 @@ class AugmentConfig:
             self, "blur_sigma", checked.blur_sigma
         )  # YAML gives lists: keep (low, high) tuples
         object.__setattr__(self, "jpeg_quality", checked.jpeg_quality)
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any training augmentation is on (the flip goes with them)."""
-        return self.p > 0 or self.blur_jpeg_p > 0
 
 
 class BlurJpegAugment:
@@ -182,12 +178,12 @@ def build_train_transform(
     """CNNDetection's Blur+JPEG on the full image (when `augment.blur_jpeg_p` > 0), geometry, the flip, then
     paper 003's augmentations on the [0, 1] tensor, each with probability `augment.p` (online;
     `horizontal_flip` adds a flip paper 003 does not list)."""
-    augment = augment or AugmentConfig(p=0.0)
+    augment = augment or AugmentConfig(p=0.0, horizontal_flip=False)
     ops: list[Callable] = []
     if augment.blur_jpeg_p > 0:
         ops.append(BlurJpegAugment(augment.blur_jpeg_p, augment.blur_sigma, augment.jpeg_quality))
     ops += [v2.ToImage(), *_geometry(image_size, mode, train=True)]
-    if augment.horizontal_flip and augment.enabled:
+    if augment.horizontal_flip:
         ops.append(v2.RandomHorizontalFlip())
     ops.append(v2.ToDtype(torch.float32, scale=True))
     if augment.p > 0:

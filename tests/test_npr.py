@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import yaml
 from torchvision.models.resnet import Bottleneck
 
+from common.transforms import AugmentConfig, build_train_transform
 from projects.inpaint_probe.npr import NPRDetector, NPRNet, create_npr_network, npr_residual
 from tests.cli_helpers import CONFIGS
 
@@ -150,3 +151,24 @@ def test_the_paper_config_trains_from_scratch_on_progan():
         f"progan=data/cnndetection/train/{c}" for c in ("car", "cat", "chair", "horse")
     ]
     assert data["test_root"] == "data/cnndetection/test"
+
+
+@pytest.mark.parametrize("name", ["npr", "npr_tiny"])
+def test_the_configs_train_with_a_flip_and_no_other_augmentation(name):
+    augment = yaml.safe_load((CONFIGS / "inpaint_probe" / f"{name}.yaml").read_text())["data"]["init_args"][
+        "augment"
+    ]
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels = image.float() / 255.0
+    transform = build_train_transform(
+        32, "random_crop", AugmentConfig(**augment)
+    )  # a crop of the whole image
+    torch.manual_seed(0)
+    outputs = [transform(image) for _ in range(24)]
+    flipped = [torch.allclose(out, pixels.flip(-1)) for out in outputs]
+    assert all(f or torch.allclose(out, pixels) for f, out in zip(flipped, outputs, strict=True))
+    assert 0 < sum(flipped) < len(outputs)  # the official flip (no_flip False), not every time
+    # no augmentation config at all: no flip either
+    assert all(
+        torch.allclose(build_train_transform(32, "random_crop", None)(image), pixels) for _ in range(8)
+    )
