@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 import yaml
+from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from common.data.realfake import RealFakeFolder
@@ -25,6 +28,11 @@ IMAGE_ROBUSTNESS = CONFIGS / "inpaint_probe" / "data" / "robustness.yaml"
 
 
 # --- RealFakeFolder: one test dataloader per condition ------------------------------------------------------------
+
+
+def _stored(path: str) -> torch.Tensor:
+    """The image file as stored, (3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255.0
 
 
 def test_each_test_condition_is_a_loader_of_the_clean_images_perturbed_per_file(realfake_root) -> None:
@@ -55,13 +63,21 @@ def test_each_test_condition_is_a_loader_of_the_clean_images_perturbed_per_file(
     batches = [next(iter(loader)) for loader in loaders]
     assert torch.equal(batches[0]["image"], reference["image"])  # clean first
     for spec, batch in zip(conditions[1:], batches[1:], strict=True):
+        # the stored image is perturbed, then centre-cropped (the field's protocol), not the crop
         by_hand = torch.stack(
+            [
+                TF.center_crop(Perturbation.parse(spec)(_stored(path), seed_key=path), [16, 16])
+                for path in reference["path"]
+            ]
+        )
+        crop_first = torch.stack(
             [
                 Perturbation.parse(spec)(image, seed_key=path)
                 for image, path in zip(reference["image"], reference["path"])
             ]
         )
         assert torch.allclose(batch["image"], by_hand, atol=1e-6)
+        assert not torch.allclose(batch["image"], crop_first, atol=1e-3)
         assert not torch.allclose(batch["image"], reference["image"], atol=1e-3)
         assert batch["path"] == reference["path"] and torch.equal(batch["label"], reference["label"])
     # validation stays clean under the test grid

@@ -12,8 +12,10 @@ every stage and on every rank.
 
 Robustness (ITEM Fig. 4, CNNDetection): `test_perturbations` gives one test dataloader per condition, clean
 first, and `test_conditions` names them for `common.tasks.RealFakeTask`. As for `test_perturbation`, the
-perturbation is applied in the dataset to the network-sized [0, 1] image (after the evaluation resize or crop,
-before the model's normalisation), noise seeded per file, so every run sees the same pixels.
+perturbation is applied to the image as stored, the field's protocol (CNNDetection; ITEM perturbs the original
+image before its preprocessing too): the full decoded image in [0, 1] is perturbed first (JPEG of the whole
+image, blur with the image's own borders), then the evaluation resize or crop and, in the model, the
+normalisation. Noise is seeded per file path, so every run sees the same pixels.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
 
 from common.data.collate import collate_with_skips
 from common.data.images import ImageDecodeError, SkipLog, load_rgb
@@ -58,11 +61,12 @@ class RealFakeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         try:
-            image = self.transform(load_rgb(sample.path))
+            image = load_rgb(sample.path)
         except ImageDecodeError as err:
             return {"skip": err.reason, "path": sample.path}
-        if self.perturbation.kind != "none":
-            image = self.perturbation(image, seed_key=sample.path)
+        if self.perturbation.kind != "none":  # the stored image, before the evaluation geometry
+            image = self.perturbation(pil_to_tensor(image).float().div_(255.0), seed_key=sample.path)
+        image = self.transform(image)
         return {
             "image": image,
             "label": sample.label,
@@ -118,7 +122,7 @@ class RealFakeFolder(L.LightningDataModule):
             (CNNDetection's choice: crops keep the generator's pixel statistics).
         augment: training augmentation (paper 003 Sec. 4); None disables it.
         test_perturbation: one condition for val/test/predict, e.g. "jpeg:75" (see common.perturbations): the
-            whole evaluation under it.
+            whole evaluation under it, applied to the full stored image before the evaluation resize or crop.
         test_perturbations: the robustness protocol: test conditions, e.g. [none, noise:0.001, ..., jpeg:25]
             (configs/inpaint_probe/data/robustness.yaml); "none" (clean) first and the main test report, each a
             test dataloader of its own; validation and predict stay clean. Not together with

@@ -7,7 +7,8 @@ selection use the validation set only (Sec. 5.3).
 
 Two sigmoid outputs trained with BCE are the paper's choice (Keras' `Dense(2, activation="sigmoid")` with one-hot
 targets): each node estimates P(class) independently. The score we threshold and rank is the "generated" node's
-sigmoid, P(generated).
+sigmoid, P(generated). `head="single_logit"` is the other common choice (CNNDetection, NPR, UniFD): one logit,
+BCE against the 0/1 label, score = its sigmoid.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ def two_node_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, targets)
 
 
+def single_logit_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE of one logit per image against the 0/1 label (1 = generated), averaged over the batch; `logits` is
+    (B,) or (B, 1). CNNDetection's and NPR's `BCEWithLogitsLoss` on `output.squeeze(1)`."""
+    return F.binary_cross_entropy_with_logits(logits.reshape(-1), labels.to(logits.dtype).reshape(-1))
+
+
+HEADS = ("two_node", "single_logit")
+
+
 class RealFakeClassifier(RealFakeTask):
     """Fine-tuned timm classifier with the paper's two-node sigmoid head.
 
@@ -41,6 +51,7 @@ class RealFakeClassifier(RealFakeTask):
         checkpoint_path: optional local weights (.safetensors or a torch state dict) for the backbone.
         lr: Adam learning rate. weight_decay: Adam's L2 term (0 in the paper).
         freeze_backbone: train the dense layer only (the paper fine-tunes everything; kept for linear probes).
+        head: "two_node" (the paper's two sigmoid nodes) or "single_logit" (one logit, BCE; CNNDetection).
         false_real_images: per generator, how many generated test images predicted real to show in
             `plots/test_false_real_<generator>.png` (Sec. 6, Figs. 7-8); 0 turns the grids off.
     """
@@ -60,8 +71,12 @@ class RealFakeClassifier(RealFakeTask):
         drop_rate: float = 0.0,
         threshold: float = 0.5,
         false_real_images: int = 16,
+        head: str = "two_node",
     ) -> None:
         super().__init__(threshold=threshold)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        self.head = head
         if false_real_images < 0:
             raise ValueError(f"false_real_images must be >= 0, got {false_real_images}")
         self.false_real_images = false_real_images
@@ -72,7 +87,11 @@ class RealFakeClassifier(RealFakeTask):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         self.save_hyperparameters(logger=False)  # loggers get the whole config once (RunConfigCallback)
         self.network = create_timm_classifier(
-            backbone, preset=preset, num_classes=2, checkpoint_path=checkpoint_path, drop_rate=drop_rate
+            backbone,
+            preset=preset,
+            num_classes=2 if head == "two_node" else 1,
+            checkpoint_path=checkpoint_path,
+            drop_rate=drop_rate,
         )
         data_config = timm_data_config(self.network)
         self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1), persistent=False)
@@ -89,10 +108,12 @@ class RealFakeClassifier(RealFakeTask):
         return self.network((images - self.mean) / self.std)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.head == "single_logit":
+            return single_logit_bce(logits, labels)
         return two_node_bce(logits, labels)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits[:, 1])
+        return torch.sigmoid(logits[:, 0] if self.head == "single_logit" else logits[:, 1])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         parameters = [p for p in self.parameters() if p.requires_grad]
