@@ -204,9 +204,9 @@ def test_every_benchmark_files_commands_parse_with_the_cli(path) -> None:
     assert f"--run.group={bench.group}" in out and f"--seed_everything={bench.seed}" in out
 
 
-def test_the_toy_benchmark_lists_the_classifier_item_and_unifd_whose_configs_exist() -> None:
+def test_the_toy_benchmark_lists_every_detector_whose_configs_exist() -> None:
     bench = load_benchmark(TOY)
-    assert [d.name for d in bench.detectors] == ["classifier", "ITEM", "UniFD"]
+    assert [d.name for d in bench.detectors] == ["classifier", "ITEM", "UniFD", "CNNDetection", "NPR"]
     assert all(Path(c).is_file() for d in bench.detectors for c in [*bench.trainer, *d.configs])
     assert bench.group == "toy" and bench.seed == 42
 
