@@ -29,6 +29,7 @@ CPU = CONFIGS / "trainer" / "cpu.yaml"
 # Configs whose models are only in the `full` fixture tier (real timm / open_clip architectures): slow.
 FULL_TIER = {
     "inpaint_probe/resnet50.yaml",
+    "inpaint_probe/cnndetection.yaml",  # ImageNet ResNet-50
     "inpaint_probe/vgg16.yaml",
     "inpaint_probe/partial_conv.yaml",
     "item_detector/clip_rn50.yaml",
