@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -114,6 +115,24 @@ def test_stratified_split_is_deterministic_and_keeps_every_stratum(realfake_root
     assert sorted(s.path for s in val_a) == sorted(s.path for s in val_b)
     assert {(s.generator, s.label) for s in val_a} == {(g, lab) for g in ("gan", "ldm") for lab in (0, 1)}
     assert len(train_a) + len(val_a) == len(samples)
+
+
+def test_max_train_per_label_keeps_the_lowest_hashes_of_each_label_after_the_split(realfake_root):
+    full = RealFakeFolder(train_root=str(realfake_root), val_fraction=0.25, split_seed=3, num_workers=0)
+    cut = RealFakeFolder(
+        train_root=str(realfake_root), val_fraction=0.25, split_seed=3, num_workers=0, max_train_per_label=2
+    )
+    full.setup("fit")
+    cut.setup("fit")
+    assert [s.path for s in cut.samples["val"]] == [
+        s.path for s in full.samples["val"]
+    ]  # the split is unchanged
+    for label in (0, 1):  # naive: rank the label's training files by sha1("3:<path>"), keep the first two
+        members = [s.path for s in full.samples["train"] if s.label == label]
+        expected = sorted(members, key=lambda p: hashlib.sha1(f"3:{p}".encode()).hexdigest())[:2]
+        assert sorted(s.path for s in cut.samples["train"] if s.label == label) == sorted(expected)
+    with pytest.raises(ValueError, match="max_train_per_label must be positive"):
+        RealFakeFolder(train_root=str(realfake_root), max_train_per_label=0)
 
 
 def _bad_files(label_dir: Path) -> None:

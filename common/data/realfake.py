@@ -92,7 +92,20 @@ def index_sources(sources: str | Sequence[str], skips: SkipLog) -> list[Sample]:
     return [sample for source in sources for sample in index_source(source, skips)]
 
 
-def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+def subsample_per_label(samples: Sequence[Sample], per_label: int, seed: int) -> list[Sample]:
+    """At most `per_label` samples of each label, chosen by a hash of (seed, path): deterministic, spread over
+    the classes of a folder, and stable when files are added. Keeps the input order."""
+    chosen: set[str] = set()
+    for label in sorted({s.label for s in samples}):
+        members = [s for s in samples if s.label == label]
+        ranked = sorted(members, key=lambda s: hashlib.sha1(f"{seed}:{s.path}".encode()).hexdigest())
+        chosen |= {s.path for s in ranked[:per_label]}
+    return [s for s in samples if s.path in chosen]
+
+
+def stratified_split(
+    samples: Sequence[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
     """Split by a hash of (seed, path) within each (generator, label) stratum: stable when files are added."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -127,6 +140,9 @@ class RealFakeFolder(L.LightningDataModule):
             (configs/inpaint_probe/data/robustness.yaml); "none" (clean) first and the main test report, each a
             test dataloader of its own; validation and predict stay clean. Not together with
             `test_perturbation` (one is a single evaluation condition, the other the test grid): set one.
+        max_train_per_label: train on at most this many real and this many generated images, chosen by a hash
+            of (split_seed, path) after the validation split (`subsample_per_label`, ItemFeatures' rule: one
+            benchmark can give every detector ITEM's 4,000 + 4,000 ProGAN images); None uses them all.
         toy_world: when set, the embedded toy world is generated at this path if missing before indexing.
     """
 
@@ -148,9 +164,12 @@ class RealFakeFolder(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         split_seed: int = 0,
+        max_train_per_label: int | None = None,
         toy_world: str | None = None,
     ) -> None:
         super().__init__()
+        if max_train_per_label is not None and max_train_per_label <= 0:
+            raise ValueError(f"max_train_per_label must be positive or null, got {max_train_per_label}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
@@ -171,6 +190,7 @@ class RealFakeFolder(L.LightningDataModule):
         self.test_perturbation = test_perturbation
         self.test_conditions = conditions  # one test dataloader each; the first is the main report
         self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.max_train_per_label = max_train_per_label
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -189,7 +209,9 @@ class RealFakeFolder(L.LightningDataModule):
     def _index(self) -> None:
         if self.samples:
             return
-        if self.toy_world:  # prepare_data runs on rank 0 only; other ranks wait on the same lock-protected call
+        if (
+            self.toy_world
+        ):  # prepare_data runs on rank 0 only; other ranks wait on the same lock-protected call
             from common.data.toy_world import ensure_toy_world
 
             ensure_toy_world(self.toy_world)
@@ -198,9 +220,23 @@ class RealFakeFolder(L.LightningDataModule):
             if self.val_root:
                 self.samples["train"], self.samples["val"] = train, index_sources(self.val_root, self.skips)
             else:
-                self.samples["train"], self.samples["val"] = stratified_split(train, self.val_fraction, self.split_seed)
+                self.samples["train"], self.samples["val"] = stratified_split(
+                    train, self.val_fraction, self.split_seed
+                )
             if not self.samples["train"]:
-                raise DatasetLayoutError(f"training set from {self.train_root} is empty after the validation split")
+                raise DatasetLayoutError(
+                    f"training set from {self.train_root} is empty after the validation split"
+                )
+            if self.max_train_per_label:
+                before = len(self.samples["train"])
+                self.samples["train"] = subsample_per_label(
+                    self.samples["train"], self.max_train_per_label, self.split_seed
+                )
+                log.info(
+                    "RealFakeFolder: training on %d of %d images (max_train_per_label)",
+                    len(self.samples["train"]),
+                    before,
+                )
             labels = {s.label for s in self.samples["train"]}
             if labels != {0, 1}:
                 raise DatasetLayoutError(
@@ -217,14 +253,21 @@ class RealFakeFolder(L.LightningDataModule):
                 per_gen[s.generator] = per_gen.get(s.generator, 0) + 1
             log.info("RealFakeFolder %s: %d images %s", split, len(members), per_gen)
         if self.skips.total:
-            log.warning("RealFakeFolder skipped %d files while indexing: %s", self.skips.total, self.skips.summary())
+            log.warning(
+                "RealFakeFolder skipped %d files while indexing: %s", self.skips.total, self.skips.summary()
+            )
 
     def setup(self, stage: str | None = None) -> None:
         self._index()
 
     def has_split(self, split: str) -> bool:
         """Whether the config names data for `split` (train/val come from train_root)."""
-        root = {"train": self.train_root, "val": self.train_root, "test": self.test_root, "predict": self.predict_root}
+        root = {
+            "train": self.train_root,
+            "val": self.train_root,
+            "test": self.test_root,
+            "predict": self.predict_root,
+        }
         return bool(root.get(split))
 
     def generator_names(self, split: str) -> list[str]:
@@ -237,7 +280,12 @@ class RealFakeFolder(L.LightningDataModule):
     def _dataset(self, split: str, condition: str | None = None) -> RealFakeDataset:
         """The split's dataset; `condition` (test only) overrides `test_perturbation`."""
         if split not in self.samples:
-            root_arg = {"train": "train_root", "val": "train_root", "test": "test_root", "predict": "predict_root"}
+            root_arg = {
+                "train": "train_root",
+                "val": "train_root",
+                "test": "test_root",
+                "predict": "predict_root",
+            }
             raise DatasetLayoutError(f"no {split} data: set data.init_args.{root_arg[split]} in the config")
         if split == "train":
             transform = build_train_transform(self.image_size, self.resize, self.augment)

@@ -16,7 +16,6 @@ UniversalFakeDetect way; for comparison and one-off runs).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 from common.data.images import ImageDecodeError, SkipLog, load_rgb
-from common.data.realfake import index_sources, stratified_split
+from common.data.realfake import index_sources, stratified_split, subsample_per_label
 from common.data.samples import DatasetLayoutError, Sample, index_image_folder
 from common.errors import ConfigError
 from common.perturbations import Perturbation
@@ -206,17 +205,6 @@ class RecomputeDataset(FeatureDataset):
         table = FeatureTable.from_features([decoded[i]["key"] for i in good], features)
         reasons = {i: item["skip"] for i, item in decoded.items() if "skip" in item}
         return self.assemble(indices, table, {i: row for row, i in enumerate(good)}, reasons)
-
-
-def subsample_per_label(samples: Sequence[Sample], per_label: int, seed: int) -> list[Sample]:
-    """At most `per_label` samples of each label, chosen by a hash of (seed, path): deterministic, spread over
-    the classes of a folder, and stable when files are added. Keeps the input order."""
-    chosen: set[str] = set()
-    for label in sorted({s.label for s in samples}):
-        members = [s for s in samples if s.label == label]
-        ranked = sorted(members, key=lambda s: hashlib.sha1(f"{seed}:{s.path}".encode()).hexdigest())
-        chosen |= {s.path for s in ranked[:per_label]}
-    return [s for s in samples if s.path in chosen]
 
 
 class ItemFeatures(L.LightningDataModule):
