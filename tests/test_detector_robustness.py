@@ -35,25 +35,23 @@ def _stored(path: str) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255.0
 
 
+def _center_crop_folder(root, **kwargs) -> RealFakeFolder:
+    """The test folder as 16 px centre crops in one batch of 64."""
+    return RealFakeFolder(
+        train_root=str(root),
+        test_root=str(root),
+        image_size=16,
+        resize="center_crop",
+        num_workers=0,
+        batch_size=64,
+        **kwargs,
+    )
+
+
 def test_each_test_condition_is_a_loader_of_the_clean_images_perturbed_per_file(realfake_root) -> None:
     conditions = ["none", "blur:2", "noise:0.005"]
-    dm = RealFakeFolder(
-        train_root=str(realfake_root),
-        test_root=str(realfake_root),
-        image_size=16,
-        resize="center_crop",
-        num_workers=0,
-        batch_size=64,
-        test_perturbations=conditions,
-    )
-    clean = RealFakeFolder(
-        train_root=str(realfake_root),
-        test_root=str(realfake_root),
-        image_size=16,
-        resize="center_crop",
-        num_workers=0,
-        batch_size=64,
-    )
+    dm = _center_crop_folder(realfake_root, test_perturbations=conditions)
+    clean = _center_crop_folder(realfake_root)
     for module in (dm, clean):
         module.setup("test")
     assert dm.test_conditions == conditions
