@@ -20,8 +20,10 @@ Never stale, never half-written:
   * every read checks the shard's sha256 against the manifest and its stage key against the directory's; a
     shard that fails is dropped from the manifest and deleted, and its entries become misses, recomputed by the
     next extraction;
-  * writers hold an exclusive file lock on the directory (two extractions, DDP ranks); readers need none, as
-    the manifest and shards only ever change by atomic renames.
+  * a writer holds an exclusive file lock on the directory while it writes a shard and commits it (two
+    extractions, the ranks of a distributed one: each computes its share unlocked and commits its own shards);
+    an entry another writer committed meanwhile is not committed twice. Readers need no lock, as the manifest
+    and shards only ever change by atomic renames.
 Images that cannot be decoded are recorded in the manifest's `skipped` with the reason, so they are counted,
 not retried, until their content changes.
 """
@@ -407,6 +409,9 @@ class FeatureCache:
         """Write `table` (and `skipped`, also in the shard's metadata) as a new shard and add it to the manifest.
         Call under `locked()`."""
         manifest = self.read_manifest()
+        committed = {k for record in manifest["shards"].values() for k in record["keys"]}
+        if any(k in committed for k in table.keys):  # computed by another writer too: keep one copy
+            table = table.select([i for i, k in enumerate(table.keys) if k not in committed])
         name = None
         if len(table) or skipped:
             data = table.to_bytes(self.key, skipped)

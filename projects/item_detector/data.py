@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from common.data.images import ImageDecodeError, SkipLog, load_rgb
 from common.data.realfake import index_sources, stratified_split, subsample_per_label
 from common.data.samples import DatasetLayoutError, Sample, index_image_folder
+from common.distributed import Ranks, current_ranks
 from common.errors import ConfigError
 from common.perturbations import Perturbation
 from projects.item_detector.cache import FeatureCache, FeatureTable, content_hashes, entry_key
@@ -88,50 +89,94 @@ def ensure_features(
     shard_size: int = 1024,
     num_workers: int = 0,
     description: str = "extract",
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Compute and commit the features of every (sample, key, content hash) the cache lacks.
 
-    Runs under the cache's lock; a shard is committed every `shard_size` images, so an interrupted extraction
-    resumes after its last committed shard. Returns counts and the throughput.
+    On several ranks (`ranks`, default: the current process group) every rank reads what the cache lacks, waits
+    for the others to have read it, and takes its share of that list (`Ranks.share`: disjoint and deterministic),
+    so the ranks together compute each missing entry once. Each rank commits a shard every `shard_size` of its
+    images (under the cache's lock, held only for the commit), so an interrupted extraction resumes after the
+    last committed shards, on any number of ranks. All ranks return together, with the counts of all of them
+    (`images_per_s`: over all ranks).
     """
-    with cache.locked():
-        keys = [key for _, key, _ in items]
-        present, skipped = cache.status(keys)
-        todo = list(
-            {key: item for item in items if (key := item[1]) not in present and key not in skipped}.values()
-        )
-        stats: dict[str, Any] = {"requested": len(set(keys)), "cached": len(present) + len(skipped)}
-        stats |= {"extracted": 0, "skipped": 0, "seconds": 0.0}
-        if not todo:
-            return stats
-        loader = DataLoader(
-            DecodeDataset(todo, perturbation),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_identity,
-            worker_init_fn=_single_thread_worker if num_workers else None,
-        )
-        start = time.perf_counter()
-        pending_keys: list[str] = []
-        pending_features: list[Any] = []
-        pending_skips: dict[str, str] = {}
-        with tqdm(total=len(todo), desc=description, unit="img", disable=None, leave=False) as progress:
-            for batch in loader:
-                good = [item for item in batch if "image" in item]
-                pending_skips.update({item["key"]: item["skip"] for item in batch if "skip" in item})
-                pending_features += stage.run([g["image"] for g in good], [g["sample"] for g in good])
-                pending_keys += [g["key"] for g in good]
-                stats["extracted"] += len(good)
-                stats["skipped"] += len(batch) - len(good)
-                if len(pending_keys) >= shard_size:
-                    cache.commit(FeatureTable.from_features(pending_keys, pending_features), pending_skips)
-                    pending_keys, pending_features, pending_skips = [], [], {}
-                progress.update(len(batch))
-        if pending_keys or pending_skips:
-            cache.commit(FeatureTable.from_features(pending_keys, pending_features), pending_skips)
-        stats["seconds"] = round(time.perf_counter() - start, 3)
-        stats["images_per_s"] = round(len(todo) / max(stats["seconds"], 1e-9), 2)
+    ranks = ranks or current_ranks()
+    keys = [key for _, key, _ in items]
+    present, skipped = cache.status(keys)
+    todo = list(
+        {key: item for item in items if (key := item[1]) not in present and key not in skipped}.values()
+    )
+    ranks.barrier()  # every rank has its `todo` before any rank commits (else their lists could differ)
+    stats: dict[str, Any] = {"requested": len(set(keys)), "cached": len(present) + len(skipped)}
+    stats |= {"extracted": 0, "skipped": 0, "seconds": 0.0}
+    if not todo:
         return stats
+    share = [todo[i] for i in ranks.share(len(todo))]
+    start = time.perf_counter()
+    mine = _extract_share(
+        stage, cache, share, perturbation, batch_size, shard_size, num_workers, description, ranks.is_main
+    )
+    seconds = time.perf_counter() - start
+    ranks.barrier()  # every share is committed before any rank reads the cache back
+    elapsed = time.perf_counter() - start
+    per_rank = ranks.gather({"extracted": mine[0], "skipped": mine[1], "seconds": seconds})
+    stats["extracted"] = sum(r["extracted"] for r in per_rank)
+    stats["skipped"] = sum(r["skipped"] for r in per_rank)
+    stats["seconds"] = round(elapsed, 3)
+    stats["images_per_s"] = round(len(todo) / max(elapsed, 1e-9), 2)
+    if ranks.world_size > 1:
+        stats["ranks"] = ranks.world_size
+        stats["rank_seconds"] = [round(r["seconds"], 3) for r in per_rank]
+    return stats
+
+
+def _extract_share(
+    stage: FrozenStage,
+    cache: FeatureCache,
+    share: Sequence[tuple[Sample, str, str]],
+    perturbation: Perturbation,
+    batch_size: int,
+    shard_size: int,
+    num_workers: int,
+    description: str,
+    progress_bar: bool = True,
+) -> tuple[int, int]:
+    """Extract one rank's items, committing every `shard_size`; returns (extracted, skipped)."""
+    extracted = skipped_count = 0
+    if not share:
+        return extracted, skipped_count
+    loader = DataLoader(
+        DecodeDataset(share, perturbation),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        worker_init_fn=_single_thread_worker if num_workers else None,
+    )
+    pending_keys: list[str] = []
+    pending_features: list[Any] = []
+    pending_skips: dict[str, str] = {}
+
+    def commit() -> None:
+        with cache.locked():
+            cache.commit(FeatureTable.from_features(pending_keys, pending_features), pending_skips)
+        pending_keys.clear(), pending_features.clear(), pending_skips.clear()
+
+    with tqdm(
+        total=len(share), desc=description, unit="img", disable=None if progress_bar else True, leave=False
+    ) as progress:
+        for batch in loader:
+            good = [item for item in batch if "image" in item]
+            pending_skips.update({item["key"]: item["skip"] for item in batch if "skip" in item})
+            pending_features.extend(stage.run([g["image"] for g in good], [g["sample"] for g in good]))
+            pending_keys.extend(g["key"] for g in good)
+            extracted += len(good)
+            skipped_count += len(batch) - len(good)
+            if len(pending_keys) >= shard_size:
+                commit()
+            progress.update(len(batch))
+    if pending_keys or pending_skips:
+        commit()
+    return extracted, skipped_count
 
 
 class FeatureDataset(Dataset):
