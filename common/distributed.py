@@ -14,9 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed as dist
+
+from common.errors import ConfigError
 
 log = logging.getLogger("forgelab.distributed")
 
@@ -79,6 +82,23 @@ def fabric_settings(trainer: dict[str, Any] | None) -> dict[str, Any]:
         parsed = parser.parse_object({"plugins": listed})
         settings["plugins"] = parser.instantiate(parsed).plugins
     return settings
+
+
+def trainer_section(paths: Sequence[str]) -> dict[str, Any]:
+    """The `trainer:` section of config files, later files overriding earlier keys (for the commands that take
+    no full fit config, such as `forgelab augment --trainer-config`)."""
+    import yaml
+
+    section: dict[str, Any] = {}
+    for path in paths:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read the trainer config {path}: {err}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("trainer", {}), dict):
+            raise ConfigError(f"{path}: expected a mapping with a trainer: section")
+        section |= data.get("trainer") or {}
+    return section
 
 
 def launch(trainer: dict[str, Any] | None, fn: Callable[..., T], *args: Any) -> T | None:

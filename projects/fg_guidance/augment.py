@@ -47,6 +47,7 @@ from PIL import Image
 
 from common.data.captioned import CaptionedSample, read_captioned_manifest
 from common.data.images import ImageDecodeError, SkipLog, load_rgb
+from common.distributed import current_ranks, launch, trainer_section
 from common.errors import ConfigError
 from common.io import save_image, write_json, write_text
 from projects.fg_guidance.captioning import to_pil
@@ -220,19 +221,48 @@ class Synthesizer:
             torch.cuda.synchronize(self.device)
 
 
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _part_manifests(manifest: Path) -> list[Path]:
+    """The per-rank manifests of a (possibly interrupted) run: `manifest.part-<rank>.jsonl`."""
+    return sorted(manifest.parent.glob(f"{manifest.stem}.part-*.jsonl"))
+
+
 def _read_done(manifest: Path) -> dict[str, dict[str, Any]]:
-    if not manifest.is_file():
-        return {}
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    return {row["id"]: row for row in rows}
+    """Every finished image: the merged manifest's rows and those of per-rank manifests an interrupted run left."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in (manifest, *_part_manifests(manifest)):
+        done |= {row["id"]: row for row in _read_rows(path)}
+    return done
 
 
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
+def _merge_manifests(manifest: Path, jobs: list[Job]) -> list[dict[str, Any]]:
+    """Fold the per-rank manifests into the manifest, rows in plan order (what one process writes), then remove
+    them: the merged file is written (atomically) before any part is deleted, so a kill loses no row."""
+    done = _read_done(manifest)
+    rows = [done[job.id] for job in jobs if job.id in done]
+    _write_manifest(manifest, rows)
+    for part in _part_manifests(manifest):
+        part.unlink(missing_ok=True)
+    return rows
+
+
 def augment(args: argparse.Namespace) -> Path:
-    """Synthesize the planned variants into ``args.out`` (resuming a partial run); returns the manifest path."""
+    """Synthesize the planned variants into ``args.out`` (resuming a partial run); returns the manifest path.
+
+    On several ranks (`common.distributed`: `--trainer-config` names them) every rank plans the same jobs and reads
+    the same finished ones, takes its share of the rest (`Ranks.share`), writes its images and its own manifest
+    `manifest.part-<rank>.jsonl` after each batch; rank 0 merges them into `manifest.jsonl` in plan order, so the
+    result is what one process writes, and an interrupted run resumes on any number of ranks."""
+    ranks = current_ranks()
     samples = [s for s in read_captioned_manifest(args.manifest) if s.split == args.split]
     if not samples:
         raise ConfigError(f"{args.manifest} has no rows with split={args.split!r}")
@@ -243,13 +273,19 @@ def augment(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     manifest = out / "manifest.jsonl"
     done = _read_done(manifest)
-    if done:
+    if done and ranks.is_main:
         log.info("augment: resuming, %d of %d images already in %s", len(done), len(jobs), manifest)
-    rows = [done[job.id] for job in jobs if job.id in done]
     todo = [job for job in jobs if job.id not in done]
+    ranks.barrier()  # every rank has read what is done before rank 0 folds the old parts in
+    if ranks.is_main:
+        _merge_manifests(manifest, jobs)
+    ranks.barrier()  # ... and before any rank writes its own part
+    share = [todo[i] for i in ranks.share(len(todo))]
+    part = manifest.with_name(f"{manifest.stem}.part-{ranks.rank}.jsonl")
+    mine: list[dict[str, Any]] = []
     skips = SkipLog("augment")
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start : start + args.batch_size]
+    for start in range(0, len(share), args.batch_size):
+        batch = share[start : start + args.batch_size]
         loaded = []
         for job in batch:
             try:
@@ -270,7 +306,7 @@ def augment(args: argparse.Namespace) -> Path:
             relative = Path("images") / job.source.subclass.replace("/", "__") / f"{job.id}.png"
             save_image(out / relative, variant)
             keep_boxes = job.kind != "view"
-            rows.append(
+            mine.append(
                 {
                     "id": job.id,
                     "path": str(relative),
@@ -295,8 +331,16 @@ def augment(args: argparse.Namespace) -> Path:
                     "generation_ms": round(ms, 2),
                 }
             )
-        _write_manifest(manifest, rows)
-        log.info("augment: %d / %d images (%.0f ms/image)", len(rows), len(jobs), ms)
+        _write_manifest(part, mine)
+        log.info("augment: rank %d: %d / %d images (%.0f ms/image)", ranks.rank, len(mine), len(share), ms)
+    skipped = ranks.gather(skips.summary())
+    ranks.barrier()  # every part is written
+    if not ranks.is_main:
+        return manifest
+    rows = _merge_manifests(manifest, jobs)
+    skip_counts: Counter[str] = Counter()
+    for counts in skipped:
+        skip_counts.update(counts)
     summary = {
         "images": len(rows),
         "source_images": len(samples),
@@ -309,7 +353,8 @@ def augment(args: argparse.Namespace) -> Path:
         "by_kind": {kind: sum(r["provenance"]["kind"] == kind for r in rows) for kind in KINDS},
         "generation_ms_per_image": float(np.mean([r["generation_ms"] for r in rows])) if rows else None,
         "image_size": synth.size,
-        "skipped": skips.summary(),
+        "skipped": dict(skip_counts),
+        "ranks": ranks.world_size,
         **synth.checkpoint,
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
     }
@@ -381,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--realfake-root", default=None, help="also write <root>/<split>/fg_guidance/0_real|1_fake"
     )
     parser.add_argument("--realfake-per-split", type=int, default=16)
+    parser.add_argument(
+        "--trainer-config",
+        action="append",
+        default=[],
+        help="config file(s) whose trainer: section says on how many ranks to run, as for fit "
+        "(configs/trainer/ddp.yaml: every GPU of the node; ddp_sim.yaml: two CPU processes); repeatable",
+    )
     return parser
 
 
@@ -395,7 +447,9 @@ def main(argv: list[str]) -> None:
         from common.data.toy_world import ensure_toy_world
 
         ensure_toy_world("data/toy_world")
-    manifest = augment(args)
+    manifest = launch(trainer_section(args.trainer_config), augment, args)
+    if manifest is None:  # a rank > 0 of a launcher-started job: rank 0 reports
+        return
     summary = json.loads((manifest.parent / "dataset.json").read_text())
     print(
         f"augment: {summary['images']} images (+{100 * summary['fraction']:.0f} % of {summary['source_images']}), "
