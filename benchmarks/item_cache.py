@@ -5,8 +5,10 @@ pipeline (BLIP-2 captions, Grounding DINO objects, CLIP embeddings; configs/item
     (the UniversalFakeDetect way, `cache_dir: null`) over the same fit with the feature cache, extraction
     included (a fresh cache). Target >= 20x.
 (b) extraction throughput (images/s: hashing, decoding, frozen stage, shard writes, read-back verification,
-    as `ItemFeatures` runs it) over a bare batched forward of the same models on images already in memory.
-    Target >= 0.8x.
+    as `ItemFeatures` runs it) over the unavoidable work measured in the same run: a bare decode of the same
+    files plus a bare batched forward of the same models. Target >= 0.95x, at 0 and at 2 decoding workers. On a
+    CPU-only machine decoding and the forward share the cores, so the workers cannot hide the decode; on a GPU
+    they overlap it with the forward, and the ratio can pass 1.
 
     python benchmarks/item_cache.py [--train 192] [--val 64] [--epochs 50] [--extract-images 96]
 
@@ -128,11 +130,17 @@ def extraction_ratio(
     batch = datamodule.extract_batch_size
     stage.run(images[:batch], samples[:batch])  # warm-up
 
-    def bare() -> float:
+    def bare() -> tuple[float, float]:
+        """The unavoidable work, (decode rate, decode + forward rate): decoding the same files, one after
+        another, then a bare batched forward of the decoded images."""
         start = time.perf_counter()
-        for i in range(0, len(images), batch):
-            stage.run(images[i : i + batch], samples[i : i + batch])
-        return len(images) / (time.perf_counter() - start)
+        decoded = [load_image_tensor(s.path) for s in samples]
+        decode = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(0, len(decoded), batch):
+            stage.run(decoded[i : i + batch], samples[i : i + batch])
+        forward = time.perf_counter() - start
+        return len(images) / decode, len(images) / (decode + forward)
 
     def extract(num_workers: int, run: int) -> float:
         datamodule.extract_workers = num_workers
@@ -145,12 +153,14 @@ def extraction_ratio(
 
     results = []
     for num_workers in workers:
-        rates = [(bare(), extract(num_workers, run)) for run in range(repeats)]
-        best_bare, best_extract = max(r[0] for r in rates), max(r[1] for r in rates)
+        rates = [(*bare(), extract(num_workers, run)) for run in range(repeats)]
+        best_decode = max(r[0] for r in rates)
+        best_bare, best_extract = max(r[1] for r in rates), max(r[2] for r in rates)
         results.append(
             {
                 "extract_workers": num_workers,
                 "images": len(images),
+                "decode_img_s": round(best_decode, 2),
                 "bare_img_s": round(best_bare, 2),
                 "extract_img_s": round(best_extract, 2),
                 "ratio": best_extract / best_bare,
@@ -183,8 +193,9 @@ def main() -> None:
         for extract in extraction_ratio(test, work / "extract"):
             print(
                 f"(b) extraction of {extract['images']} images, {extract['extract_workers']} decoding workers: "
-                f"{extract['extract_img_s']:.1f} img/s against a bare batched forward of the same models at "
-                f"{extract['bare_img_s']:.1f} img/s: ratio {extract['ratio']:.2f}x (target >= 0.8x)"
+                f"{extract['extract_img_s']:.1f} img/s against the unavoidable work, a bare decode of the same "
+                f"files ({extract['decode_img_s']:.0f} img/s alone) plus a bare batched forward of the same "
+                f"models, at {extract['bare_img_s']:.1f} img/s: ratio {extract['ratio']:.2f}x (target >= 0.95x)"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
