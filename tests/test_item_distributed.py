@@ -56,6 +56,10 @@ def test_fabric_settings_take_the_trainer_keys_and_build_the_plugins() -> None:
     assert settings["strategy"] == "ddp_spawn" and settings["devices"] == 2
     assert [type(p) for p in settings["plugins"]] == [LightningEnvironment]
     assert fabric_settings(None) == {}
+    slurm = fabric_settings(yaml.safe_load((CONFIGS / "trainer" / "slurm.yaml").read_text())["trainer"])
+    (environment,) = slurm["plugins"]
+    assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue
+    assert (slurm["devices"], slurm["num_nodes"], slurm["strategy"]) == (4, 2, "ddp")
 
 
 def extract_args(toy: Path, cache: Path, runs: Path, trainer: Path, *extra: str) -> list[str]:
