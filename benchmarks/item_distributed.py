@@ -7,9 +7,8 @@ objects, CLIP; configs/item_detector/tiny.yaml with the generative captioner and
 test images into a fresh cache, one torch thread per rank: 1 rank with configs/trainer/cpu.yaml, 2 ranks with
 configs/trainer/ddp_sim.yaml (Lightning Fabric starts them). The throughput is the images over the extraction's own
 time (from the first rank's start to the last rank's commit: `seconds` in extract_report.json), so process
-start-up and model loading are reported apart. One image per forward in both arms, so that the two caches can
-be compared bitwise (a batched forward may round differently with its batch). Target: >= 1.6x, identical
-features.
+start-up and model loading are reported apart. The ranks run one process's batches (`Ranks.share_batches`), so
+the two caches are compared bitwise. Target: >= 1.6x, identical features.
 """
 
 from __future__ import annotations
@@ -51,8 +50,7 @@ def extract(trainer: str, manifest: Path, work: Path, name: str) -> dict:
         "--data.init_args.test_perturbations=[none]",
         "--data.init_args.captioner.name=blip2",
         "--data.init_args.grounder.name=grounding_dino",
-        "--data.init_args.extract_batch_size=1",
-        "--data.init_args.clip_batch_size=1",
+        "--data.init_args.extract_batch_size=8",
         f"--data.init_args.cache_dir={work / name / 'cache'}",
         f"--run.root={work / name / 'runs'}",
         "--splits=[test]",

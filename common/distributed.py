@@ -47,6 +47,15 @@ class Ranks:
         for fewer items than ranks). Disjoint, together all n, and the same for any run with this world size."""
         return range(self.rank, n, self.world_size)
 
+    def share_batches(self, n: int, batch_size: int) -> list[int]:
+        """This rank's items of n in whole batches: batch b (items b*batch_size ...) goes to rank b mod world_size,
+        so every batch holds the items one process's batch b holds, and a batched forward does the same
+        arithmetic as in one process (bitwise equal results where the computation is deterministic)."""
+        batches = range(0, n, batch_size)
+        return [
+            i for b in self.share(len(batches)) for i in range(batches[b], min(batches[b] + batch_size, n))
+        ]
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

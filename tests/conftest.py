@@ -21,6 +21,16 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def fresh_main_port():
+    """Each test's DDP run picks its own free port: Lightning stores the one it picks in MASTER_PORT of the
+    process that launches, and a later in-process run (or a subprocess inheriting it) would reuse a port a
+    killed run's processes may still hold."""
+    os.environ.pop("MASTER_PORT", None)
+    yield
+    os.environ.pop("MASTER_PORT", None)
+
+
 def write_rgb(path: Path, size: tuple[int, int] = (40, 32), seed: int = 0, fmt: str | None = None) -> Path:
     """A small random RGB image on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,13 +35,13 @@ def generator_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def argv(generator: Path, toy: Path, out: Path, *extra: str) -> list[str]:
-    # one image per batch: a batched forward may round differently with the batch (see test_item_distributed)
+    # 6 batches of 2: the ranks run one process's batches (Ranks.share_batches), so the arithmetic is the same
     return [
         f"--generator={generator}",
         f"--manifest={toy / 'parts' / 'manifest.jsonl'}",
         f"--out={out}",
         "--limit=12",
-        "--batch-size=1",
+        "--batch-size=2",
         *extra,
     ]
 

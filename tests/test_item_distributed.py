@@ -26,9 +26,8 @@ CPU = CONFIGS / "trainer" / "cpu.yaml"
 DDP_SIM = CONFIGS / "trainer" / "ddp_sim.yaml"
 # the generative tiny captioner and grounder: every stage of the frozen pipeline runs, not the oracles
 GENERATIVE = ["--data.init_args.captioner.name=blip2", "--data.init_args.grounder.name=grounding_dino"]
-# Bitwise equality needs the same arithmetic for each image: one image per forward (a batched matmul may round
-# differently with the batch's size, and the ranks' batches hold other images than one process's batches)
-ONE_PER_BATCH = ["--data.init_args.extract_batch_size=1", "--data.init_args.clip_batch_size=1"]
+# 3 extraction batches per split of 12 images: rank 0 runs batches 0 and 2, rank 1 batch 1
+BATCHES = ["--data.init_args.extract_batch_size=4"]
 
 
 def test_shares_are_disjoint_cover_everything_and_match_lightnings_sampler() -> None:
@@ -38,6 +37,12 @@ def test_shares_are_disjoint_cover_everything_and_match_lightnings_sampler() -> 
         for world in (1, 2, 3):
             shares = [list(Ranks(r, world).share(n)) for r in range(world)]
             assert sorted(i for s in shares for i in s) == list(range(n))
+            for batch in (1, 2, 4):  # whole batches: rank r runs batches r, r + world, ... of one process's
+                parts = [Ranks(r, world).share_batches(n, batch) for r in range(world)]
+                assert sorted(i for part in parts for i in part) == list(range(n))
+                single = [list(range(n))[b : b + batch] for b in range(0, n, batch)]
+                for r, part in enumerate(parts):
+                    assert [part[b : b + batch] for b in range(0, len(part), batch)] == single[r::world]
             if n >= world:  # Lightning's sampler asserts on a rank without items
                 for r in range(world):
                     sampler = UnrepeatedDistributedSampler(
@@ -74,7 +79,7 @@ def extract_args(toy: Path, cache: Path, runs: Path, trainer: Path, *extra: str)
         str(TINY),
         *overrides,
         *GENERATIVE,
-        *ONE_PER_BATCH,
+        *BATCHES,
         f"--data.init_args.train_root={subset / 'train.jsonl'}",
         f"--data.init_args.val_root={subset / 'val.jsonl'}",
         f"--data.init_args.test_root={subset / 'test.jsonl'}",
@@ -127,7 +132,8 @@ def assert_same_cache(ours: Path, reference: Path) -> None:
 
 def one_thread_cli(args: list[str]) -> tuple[int, str, str]:
     """`run_cli` with one torch thread, as each of ddp_sim's two ranks runs on 2 cores (Lightning gives a CPU rank
-    the cores divided by the ranks): a reduction split over another number of threads may round differently."""
+    the cores divided by the ranks): a reduction split over another number of threads may round differently.
+    The ranks run one process's batches (`Ranks.share_batches`), so the arithmetic is the same otherwise."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -259,7 +259,7 @@ def augment(args: argparse.Namespace) -> Path:
     """Synthesize the planned variants into ``args.out`` (resuming a partial run); returns the manifest path.
 
     On several ranks (`common.distributed`: `--trainer-config` names them) every rank plans the same jobs and reads
-    the same finished ones, takes its share of the rest (`Ranks.share`), writes its images and its own manifest
+    the same finished ones, takes its share of the rest in whole batches (`Ranks.share_batches`), writes its images and its own manifest
     `manifest.part-<rank>.jsonl` after each batch; rank 0 merges them into `manifest.jsonl` in plan order, so the
     result is what one process writes, and an interrupted run resumes on any number of ranks."""
     ranks = current_ranks()
@@ -280,7 +280,7 @@ def augment(args: argparse.Namespace) -> Path:
     if ranks.is_main:
         _merge_manifests(manifest, jobs)
     ranks.barrier()  # ... and before any rank writes its own part
-    share = [todo[i] for i in ranks.share(len(todo))]
+    share = [todo[i] for i in ranks.share_batches(len(todo), args.batch_size)]
     part = manifest.with_name(f"{manifest.stem}.part-{ranks.rank}.jsonl")
     mine: list[dict[str, Any]] = []
     skips = SkipLog("augment")

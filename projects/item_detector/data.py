@@ -94,8 +94,9 @@ def ensure_features(
     """Compute and commit the features of every (sample, key, content hash) the cache lacks.
 
     On several ranks (`ranks`, default: the current process group) every rank reads what the cache lacks, waits
-    for the others to have read it, and takes its share of that list (`Ranks.share`: disjoint and deterministic),
-    so the ranks together compute each missing entry once. Each rank commits a shard every `shard_size` of its
+    for the others to have read it, and takes its share of that list in whole batches (`Ranks.share_batches`:
+    disjoint, deterministic, each batch the one a single process would run), so the ranks together compute each
+    missing entry once, with the arithmetic of one process. Each rank commits a shard every `shard_size` of its
     images (under the cache's lock, held only for the commit), so an interrupted extraction resumes after the
     last committed shards, on any number of ranks. All ranks return together, with the counts of all of them
     (`images_per_s`: over all ranks).
@@ -111,7 +112,10 @@ def ensure_features(
     stats |= {"extracted": 0, "skipped": 0, "seconds": 0.0}
     if not todo:
         return stats
-    share = [todo[i] for i in ranks.share(len(todo))]
+    share = [todo[i] for i in ranks.share_batches(len(todo), batch_size)]
+    if share:
+        stage.models()  # loading the models is not extraction time (every rank loads its own copy at once)
+    ranks.barrier()
     start = time.perf_counter()
     mine = _extract_share(
         stage, cache, share, perturbation, batch_size, shard_size, num_workers, description, ranks.is_main
