@@ -292,3 +292,34 @@ def test_probe_loads_a_deepfill_checkpoint_trained_with_preset_pretrained_and_ch
     image, hole = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
     hole[..., 8:20, 8:20] = 1.0
     assert torch.allclose(loaded.inpaint(image, hole), module.eval().inpaint(image, hole))
+
+
+@pytest.mark.slow
+def test_probe_on_two_ranks_writes_the_single_process_results(
+    probe_sets, tiny_inpainter_checkpoints, tmp_path
+):
+    """`--config configs/trainer/ddp_sim.yaml`: two CPU processes each inpaint whole batches (3 images, batches of
+    2: one each); rank 0 scores. Composites are bitwise, tables and per-image rows equal to one process's (both
+    at one torch thread, as each ddp_sim rank runs)."""
+    ddp_sim = CONFIGS / "trainer" / "ddp_sim.yaml"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = tmp_path / "one"
+        code, _, err = run_cli(_probe_args(probe_sets, tiny_inpainter_checkpoints, one))
+        assert code == 0, err
+        two = tmp_path / "two"
+        code, _, err = run_cli(
+            [*_probe_args(probe_sets, tiny_inpainter_checkpoints, two), "--config", str(ddp_sim)]
+        )
+        assert code == 0, err
+    finally:
+        torch.set_num_threads(threads)
+    a, b = one / "inpaint_probe" / "probe", two / "inpaint_probe" / "probe"
+    assert json.loads((b / "run.json").read_text())["ranks"] == 2
+    assert (a / "table2.csv").read_text() == (b / "table2.csv").read_text()
+    assert (a / "per_image.csv").read_text() == (b / "per_image.csv").read_text()
+    composites = sorted(p.relative_to(a) for p in (a / "results").rglob("*.png"))
+    assert len(composites) == 2 * 2 * 3
+    for path in composites:
+        assert np.array_equal(np.asarray(Image.open(a / path)), np.asarray(Image.open(b / path))), path

@@ -38,6 +38,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from PIL import Image
 
+from common.distributed import Ranks, current_ranks, launch
 from common.errors import ConfigError
 from common.experiment.configs import wandb_config
 from common.experiment.reporting import log_figure, log_pil, log_table
@@ -368,8 +369,10 @@ def _round(value: float, digits: int = 4) -> float:
 # -- the run --------------------------------------------------------------------------------------------------------
 
 
-def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv: Sequence[str]) -> Path:
-    """Everything of the module docstring; returns the run directory."""
+def run_probe(
+    config: ProbeConfig, settings: RunSettings, config_text: str, argv: Sequence[str]
+) -> Path | None:
+    """Everything of the module docstring; returns the run directory (None on ranks other than 0)."""
     torch.set_grad_enabled(False)
     if config.toy_world:
         from common.data.toy_world import ensure_toy_world
@@ -378,20 +381,40 @@ def run_probe(config: ProbeConfig, settings: RunSettings, config_text: str, argv
     if not config.sets or not config.inpainters:
         raise ConfigError("the probe needs at least one entry in `sets` and one in `inpainters`")
     device = resolve_device(config.device)
+    ranks = current_ranks()
+    if not ranks.is_main:  # the other ranks inpaint their shares; rank 0 scores, reports and keeps the run
+        _probe(config, settings, None, {}, device, ranks)
+        return None
     run_dir, resumed = resolve_run_dir(settings, "probe", None)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = start_run_record(run_dir, settings, resumed, config.mask_seed, list(argv))
     write_json(run_dir / "run.json", record)
     write_text(run_dir / "config.yaml", config_text)
+    if ranks.world_size > 1:
+        record["ranks"] = ranks.world_size
     with recording_outcome(run_dir, record):
-        _probe(config, settings, run_dir, record, device)
+        _probe(config, settings, run_dir, record, device, ranks)
     print(f"forgelab: run files in {run_dir}", file=sys.stderr)
     return run_dir
 
 
 def _probe(
-    config: ProbeConfig, settings: RunSettings, run_dir: Path, record: dict[str, Any], device: torch.device
+    config: ProbeConfig,
+    settings: RunSettings,
+    run_dir: Path | None,
+    record: dict[str, Any],
+    device: torch.device,
+    ranks: Ranks,
 ) -> None:
+    """On several ranks every rank loads the same sets and masks and inpaints its share (`inpaint_set`); rank 0
+    (the one with a `run_dir`) scores, writes and logs everything."""
+    if run_dir is None:
+        sets, masks, _ = _sets_and_masks(config, SkipCounter())
+        for spec in config.inpainters:
+            inpainter = build_inpainter(spec, config.checkpoints.get(spec.name, spec.checkpoint), device)
+            for image_set in sets:
+                inpaint_set(inpainter, image_set.images, masks, config.batch_size, device, ranks)
+        return
     reporter = Reporter(str(run_dir), build_loggers(settings, run_dir, record) if settings.wandb else [])
     for logger in reporter.loggers:
         logger.log_hyperparams(wandb_config({"probe": asdict(config)}))
@@ -400,13 +423,7 @@ def _probe(
 
     # 1. the sets (same number of images in each) and mask i for image i of every set
     start = time.perf_counter()
-    sets = [load_set(s, config.n_images, config.image_size, config.fit, skips) for s in config.sets]
-    n = min(len(s.images) for s in sets)
-    if n < config.n_images:
-        log.warning("probe: using %d images per set (the smallest set has %d usable images)", n, n)
-    for image_set in sets:
-        image_set.images, image_set.paths = image_set.images[:n], image_set.paths[:n]
-    masks = torch.stack(probe_masks(config, n, skips))
+    sets, masks, n = _sets_and_masks(config, skips)
     ratios = [float(hole_ratio(m)) for m in masks]
     buckets = [bucket_label(r, config.bucket_edges) for r in ratios]
     timings["load"] = time.perf_counter() - start
@@ -454,7 +471,7 @@ def _probe(
         seconds = 0.0
         for image_set in sets:
             tick = time.perf_counter()
-            results = inpaint_set(inpainter, image_set.images, masks, config.batch_size, device)
+            results = inpaint_set(inpainter, image_set.images, masks, config.batch_size, device, ranks)
             seconds += time.perf_counter() - tick
             scores = Scores(
                 extract_features(extractor, results),
@@ -509,6 +526,18 @@ def _probe(
         print(f"forgelab probe: skipped or adjusted {skips.counts} (see data_health.json)", file=sys.stderr)
 
 
+def _sets_and_masks(config: ProbeConfig, skips: SkipCounter) -> tuple[list[ImageSet], torch.Tensor, int]:
+    """The sets cut to the same number n of images, and mask i for image i of every set (deterministic: every
+    rank loads the same)."""
+    sets = [load_set(s, config.n_images, config.image_size, config.fit, skips) for s in config.sets]
+    n = min(len(s.images) for s in sets)
+    if n < config.n_images:
+        log.warning("probe: using %d images per set (the smallest set has %d usable images)", n, n)
+    for image_set in sets:
+        image_set.images, image_set.paths = image_set.images[:n], image_set.paths[:n]
+    return sets, torch.stack(probe_masks(config, n, skips)), n
+
+
 @dataclass
 class Scores:
     """Per image of one set: FID features (N, d) and NIQE values."""
@@ -528,17 +557,31 @@ def resolve_device(name: str) -> torch.device:
 
 
 def inpaint_set(
-    inpainter: Any, images: torch.Tensor, masks: torch.Tensor, batch_size: int, device: torch.device
+    inpainter: Any,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    ranks: Ranks | None = None,
 ) -> torch.Tensor:
-    """The inpainter's composites for all images, in batches, back on the CPU."""
-    return torch.cat(
-        [
-            inpainter.inpaint(
-                images[i : i + batch_size].to(device), masks[i : i + batch_size].to(device)
-            ).cpu()
-            for i in range(0, images.shape[0], batch_size)
-        ]
-    )
+    """The inpainter's composites for all images, in batches, back on the CPU. On several ranks each inpaints
+    its whole batches (`Ranks.share_batches`: the batches one process runs, so a seeded sampler draws the same
+    noise for every image) and every rank receives all composites, in image order."""
+    ranks = ranks or Ranks()
+    mine = ranks.share_batches(images.shape[0], batch_size)
+    parts = [
+        inpainter.inpaint(images[index].to(device), masks[index].to(device)).cpu()
+        for index in (torch.tensor(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size))
+    ]
+    if ranks.world_size == 1:
+        return torch.cat(parts)
+    gathered = ranks.gather((mine, torch.cat(parts) if parts else None))
+    shape = next(results.shape[1:] for _, results in gathered if results is not None)
+    composites = torch.empty((images.shape[0], *shape))
+    for indices, results in gathered:
+        if indices:
+            composites[torch.tensor(indices)] = results
+    return composites
 
 
 def score_rows(
@@ -790,12 +833,23 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_class_arguments(ProbeConfig, "probe")
     parser.add_class_arguments(RunSettings, "run")
+    # a trainer preset says on how many ranks to inpaint (common.distributed; configs/trainer/ddp.yaml,
+    # ddp_sim.yaml ...), as for fit and extract; the Trainer itself is never built
+    parser.add_class_arguments(L.Trainer, "trainer", instantiate=False, fail_untyped=False)
+    parser.add_argument(
+        "--seed_everything", type=bool | int, default=True, help="accepted from trainer presets"
+    )
     parser.set_defaults({"run.project": "inpaint_probe", "run.job_type": "probe"})
     return parser
 
 
 def main(argv: Sequence[str]) -> None:
-    """`forgelab probe ...` (entry point of the `forgelab.commands` group)."""
+    """`forgelab probe ...` (entry point of the `forgelab.commands` group): on the ranks of the trainer section."""
+    trainer = build_parser().parse_args(list(argv)).trainer.as_dict()
+    launch(trainer, _main_on_rank, list(argv))
+
+
+def _main_on_rank(argv: list[str]) -> None:
     parser = build_parser()
     namespace = parser.parse_args(list(argv))
     config_text = parser.dump(namespace, skip_none=False)
