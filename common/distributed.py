@@ -116,7 +116,11 @@ def launch(trainer: dict[str, Any] | None, fn: Callable[..., T], *args: Any) -> 
     from lightning.fabric import Fabric
 
     settings = fabric_settings(trainer)
-    if settings.get("devices", 1) in (1, "1", [0]) and settings.get("num_nodes", 1) == 1:
+    # `devices: auto` (a section that names none) is one process here, not the Trainer's "every GPU": a one-off
+    # command should start several processes, each loading its own models, only when a preset asks for them
+    if settings.get("devices", "auto") == "auto":
+        settings["devices"] = 1
+    if settings["devices"] in (1, "1", [0]) and settings.get("num_nodes", 1) == 1:
         settings.pop("strategy", None)  # one process: no process group to set up
     fabric = Fabric(**settings)
     log.info("launching on %d rank(s) (%s)", fabric.world_size, type(fabric.strategy).__name__)

@@ -16,7 +16,8 @@ import psutil
 import pytest
 import torch
 
-from common.distributed import Ranks, fabric_settings
+from common.distributed import Ranks, fabric_settings, launch, trainer_section
+from common.errors import ConfigError
 from projects.item_detector.cache import FeatureCache
 from tests.cli_helpers import CONFIGS, item_subset, run_cli, tiny_overrides
 
@@ -235,3 +236,28 @@ def test_a_ddp_fit_extracts_its_shares_in_setup_into_the_same_cache(
     extraction = frozen["extraction"]  # written again at test start: the test split's extraction
     assert extraction and all(stats["ranks"] == 2 for stats in extraction.values()), extraction
     assert json.loads((run / "test_metrics.json").read_text())["pooled"]["n"] == 12
+
+
+def _world_size() -> int:
+    from common.distributed import current_ranks
+
+    return current_ranks().world_size
+
+
+def test_without_a_preset_naming_devices_a_job_runs_in_this_process(tmp_path) -> None:
+    assert launch(None, _world_size) == 1
+    assert launch({"accelerator": "cpu", "devices": "auto", "strategy": "ddp"}, _world_size) == 1
+
+
+def test_trainer_section_merges_files_and_names_a_bad_one(tmp_path) -> None:
+    (tmp_path / "a.yaml").write_text("trainer:\n  accelerator: cpu\n  devices: 2\n")
+    (tmp_path / "b.yaml").write_text("seed_everything: 1\ntrainer:\n  devices: 1\n")
+    assert trainer_section([str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")]) == {
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):
+        trainer_section([str(tmp_path / "bad.yaml")])
+    with pytest.raises(ConfigError, match="cannot read the trainer config"):
+        trainer_section([str(tmp_path / "missing.yaml")])
