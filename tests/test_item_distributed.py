@@ -257,7 +257,7 @@ def test_trainer_section_merges_files_and_names_a_bad_one(tmp_path) -> None:
         "devices": 1,
     }
     (tmp_path / "bad.yaml").write_text("- a list\n")
-    with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: expected a mapping"):
         trainer_section([str(tmp_path / "bad.yaml")])
     with pytest.raises(ConfigError, match="cannot read the trainer config"):
         trainer_section([str(tmp_path / "missing.yaml")])
