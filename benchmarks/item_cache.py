@@ -115,12 +115,12 @@ def fit_ratio(train: Path, val: Path, epochs: int, work: Path) -> dict:
 
 
 def extraction_ratio(
-    manifest: Path, work: Path, workers: tuple[int, ...] = (0, 2), repeats: int = 2
+    manifest: Path, work: Path, workers: tuple[int, ...] = (0, 2), repeats: int = 2, device: str = "cpu"
 ) -> list[dict]:
     """Bare forwards and full extractions alternate (best of `repeats` each), so a change of machine load
     between them does not decide the ratio."""
     datamodule = ItemFeatures(
-        test_root=str(manifest), preset="tiny", device="cpu", dtype="float32", cache_dir=str(work)
+        test_root=str(manifest), preset="tiny", device=device, dtype="float32", cache_dir=str(work)
     )
     datamodule._index()
     samples = datamodule.samples["test"]
@@ -139,6 +139,8 @@ def extraction_ratio(
         start = time.perf_counter()
         for i in range(0, len(decoded), batch):
             stage.run(decoded[i : i + batch], samples[i : i + batch])
+        if stage.device.type == "cuda":
+            torch.cuda.synchronize()
         forward = time.perf_counter() - start
         return len(images) / decode, len(images) / (decode + forward)
 
@@ -158,6 +160,7 @@ def extraction_ratio(
         best_bare, best_extract = max(r[1] for r in rates), max(r[2] for r in rates)
         results.append(
             {
+                "device": device,
                 "extract_workers": num_workers,
                 "images": len(images),
                 "decode_img_s": round(best_decode, 2),
@@ -190,9 +193,12 @@ def main() -> None:
             f"epoch {fit['recomputed_s']:.1f} s, with the cache (extraction included) {fit['cached_s']:.1f} s: "
             f"ratio {fit['ratio']:.1f}x (target >= 20x)"
         )
-        for extract in extraction_ratio(test, work / "extract"):
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU decoding overlaps
+        extracts = [e for d in devices for e in extraction_ratio(test, work / f"extract-{d}", device=d)]
+        for extract in extracts:
             print(
-                f"(b) extraction of {extract['images']} images, {extract['extract_workers']} decoding workers: "
+                f"(b) {extract['device']}: extraction of {extract['images']} images, "
+                f"{extract['extract_workers']} decoding workers: "
                 f"{extract['extract_img_s']:.1f} img/s against the unavoidable work, a bare decode of the same "
                 f"files ({extract['decode_img_s']:.0f} img/s alone) plus a bare batched forward of the same "
                 f"models, at {extract['bare_img_s']:.1f} img/s: ratio {extract['ratio']:.2f}x (target >= 0.95x)"
