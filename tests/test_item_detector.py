@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,37 @@ def test_recomputing_every_batch_serves_what_the_cache_serves(small_toy_world, t
     for key in ("global_image", "d_global", "d_local", "n_objects", "label"):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
     assert a["caption"] == b["caption"]
+
+
+def test_per_object_batches_give_the_views_d_and_a_shard_corrupt_at_view_build_is_re_extracted(
+    small_toy_world, tmp_path
+) -> None:
+    subset = item_subset(small_toy_world, per_label=2)
+    streamed = oracle_datamodule(subset, tmp_path / "cache", shard_size=2, extract_batch_size=2)
+    streamed.setup("test")
+    per_object = oracle_datamodule(subset, tmp_path / "cache", per_object_batches=True)
+    per_object.setup("test")
+    assert per_object.extraction == {}  # the same cache, read in memory from the shards
+    indices = list(range(len(streamed.samples["test"])))
+    view_batch = streamed.datasets[("test", "none")].__getitems__(indices)
+    object_batch = per_object.datasets[("test", "none")].__getitems__(indices)
+    assert "local_mask" in object_batch and "d_local" not in object_batch
+    for empty_local in ("global", "zero"):
+        model = ItemDetector(feature_dim=32, empty_local=empty_local)
+        torch.testing.assert_close(
+            model.distance(view_batch), model.distance(object_batch), atol=1e-6, rtol=1e-5
+        )
+
+    cache = FeatureCache(tmp_path / "cache", streamed.stage.descriptor("none"))
+    shard = sorted(cache.shard_dir.iterdir())[0]
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")  # corrupt, and the view must be rebuilt from the shards
+    shutil.rmtree(cache.dir / "views")
+    again = oracle_datamodule(subset, tmp_path / "cache", shard_size=2, extract_batch_size=2)
+    again.setup("test")
+    # only the corrupt shard's two entries, found while building the view, are extracted again
+    assert again.extraction["test/none"]["extracted"] == 2
+    rebuilt = again.datasets[("test", "none")].__getitems__(indices)
+    torch.testing.assert_close(rebuilt["d_local"], view_batch["d_local"], atol=1e-6, rtol=1e-5)
 
 
 def write_bad_manifest(toy: Path, folder: Path) -> Path:

@@ -6,6 +6,11 @@ preprocessing, perturbation, library versions, extraction-code fingerprint, FEAT
 
     <cache_dir>/<stage_key[:16]>/manifest.json       the descriptor, and per shard: sha256, size, entry keys
     <cache_dir>/<stage_key[:16]>/shards/<sha256[:24]>.safetensors
+    <cache_dir>/<stage_key[:16]>/views/<view_key[:16]>/...   per-image views of splits, built from the shards
+                                                           (view.py): what training streams
+
+The shards hold every per-object embedding, for analyses; `FeatureCache.tables` reads them one shard at a time
+(the view builder), `load` all at once (small splits, `per_object_batches`).
 
 An entry is keyed by the image's content hash (sha256 of the file bytes), combined with the manifest
 annotations an oracle reads (caption, boxes) when one is used. Editing an image, or its oracle caption,

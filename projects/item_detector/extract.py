@@ -6,7 +6,8 @@
 It reads the same config files as `forgelab fit` (only the `data` section matters; trainer/model/run are
 accepted and ignored, except `run.project`/`run.root` for where the report goes), so the cache keys are exactly
 the ones training will look up. Extraction shows a progress bar per split and test condition, commits a shard
-every `data.init_args.shard_size` images, and resumes after an interruption from the last committed shard.
+every `data.init_args.shard_size` images, resumes after an interruption from the last committed shard, and
+builds each split's per-image view (`view.py`) that training streams.
 A report (`extract_report.json`: requested, already cached, extracted, undecodable, seconds, images/s, and
 ITEM's input checks per split) goes to `runs/<project>/extract-<time>/`.
 """
