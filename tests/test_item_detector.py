@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from common.data.samples import Sample
 from common.perturbations import robustness_specs
+from projects.item_detector.cache import FeatureCache, content_hash, entry_key
 from projects.item_detector.captioning import CaptionerConfig, GenerativeCaptioner
 from projects.item_detector.clip_encoders import ClipConfig, ClipEncoder
 from projects.item_detector.data import ItemFeatures
@@ -51,7 +53,9 @@ def oracle_datamodule(root: Path, cache_dir: Path | None, **kwargs) -> ItemFeatu
 # --- datamodule ------------------------------------------------------------------------------------------------
 
 
-def test_batches_hold_cached_embeddings_padded_objects_and_labels(small_toy_world, tmp_path) -> None:
+def test_batches_hold_per_image_features_of_the_cached_embeddings_and_labels(
+    small_toy_world, tmp_path
+) -> None:
     subset = item_subset(small_toy_world, per_label=2)
     datamodule = oracle_datamodule(subset, tmp_path / "cache")
     datamodule.setup("fit")
@@ -59,24 +63,29 @@ def test_batches_hold_cached_embeddings_padded_objects_and_labels(small_toy_worl
     dataset = datamodule.datasets[("train", "none")]
     batch = next(iter(datamodule.train_dataloader()))
     n = len(batch["label"])
-    assert batch["global_image"].shape == batch["global_text"].shape == (n, 32)
-    k = batch["local_mask"].shape[1]
-    assert batch["local_image"].shape == batch["local_text"].shape == (n, k, 32) and 1 <= k <= 4
+    assert batch["global_image"].shape == batch["d_global"].shape == batch["d_local"].shape == (n, 32)
+    cache = FeatureCache(tmp_path / "cache", datamodule.stage.descriptor("none"))
+    keys = [entry_key(content_hash(s.path), datamodule.stage.annotations(s)) for s in dataset.samples]
+    table, _ = cache.load(keys)
     for i, index in enumerate(batch["index"].tolist()):
         sample = dataset.samples[index]
         assert batch["path"][i] == sample.path and batch["caption"][i] == sample.caption
         assert int(batch["label"][i]) == sample.label
         assert datamodule.generators[int(batch["generator_id"][i])] == sample.generator
-        row = dataset.rows[index]
-        assert int(batch["local_mask"][i].sum()) == int(
-            dataset.table.offsets[row + 1] - dataset.table.offsets[row]
-        )
+        row = table.key_index[keys[index]]
+        assert int(batch["n_objects"][i]) == int(table.offsets[row + 1] - table.offsets[row])
+        assert torch.equal(batch["global_image"][i], table.global_image[row])
     assert batch["skipped"] == []
 
     again = oracle_datamodule(subset, tmp_path / "cache")
     again.setup("fit")
-    assert again.extraction == {}  # everything came from the cache
-    assert torch.equal(again.datasets[("train", "none")].table.global_image, dataset.table.global_image)
+    assert again.extraction == {}  # everything came from the cache, and the view built before
+    assert again.datasets[("train", "none")].view.dir == dataset.view.dir
+    indices = list(range(len(dataset)))
+    assert torch.equal(
+        again.datasets[("train", "none")].__getitems__(indices)["d_local"],
+        dataset.__getitems__(indices)["d_local"],
+    )
 
 
 def test_recomputing_every_batch_serves_what_the_cache_serves(small_toy_world, tmp_path) -> None:
@@ -88,9 +97,40 @@ def test_recomputing_every_batch_serves_what_the_cache_serves(small_toy_world, t
     indices = list(range(len(cached.samples["test"])))
     a = cached.datasets[("test", "none")].__getitems__(indices)
     b = live.datasets[("test", "none")].__getitems__(indices)
-    for key in ("global_image", "global_text", "local_image", "local_text", "local_mask", "label"):
+    for key in ("global_image", "d_global", "d_local", "n_objects", "label"):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
     assert a["caption"] == b["caption"]
+
+
+def test_per_object_batches_give_the_views_d_and_a_shard_corrupt_at_view_build_is_re_extracted(
+    small_toy_world, tmp_path
+) -> None:
+    subset = item_subset(small_toy_world, per_label=2)
+    streamed = oracle_datamodule(subset, tmp_path / "cache", shard_size=2, extract_batch_size=2)
+    streamed.setup("test")
+    per_object = oracle_datamodule(subset, tmp_path / "cache", per_object_batches=True)
+    per_object.setup("test")
+    assert per_object.extraction == {}  # the same cache, read in memory from the shards
+    indices = list(range(len(streamed.samples["test"])))
+    view_batch = streamed.datasets[("test", "none")].__getitems__(indices)
+    object_batch = per_object.datasets[("test", "none")].__getitems__(indices)
+    assert "local_mask" in object_batch and "d_local" not in object_batch
+    for empty_local in ("global", "zero"):
+        model = ItemDetector(feature_dim=32, empty_local=empty_local)
+        torch.testing.assert_close(
+            model.distance(view_batch), model.distance(object_batch), atol=1e-6, rtol=1e-5
+        )
+
+    cache = FeatureCache(tmp_path / "cache", streamed.stage.descriptor("none"))
+    shard = sorted(cache.shard_dir.iterdir())[0]
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")  # corrupt, and the view must be rebuilt from the shards
+    shutil.rmtree(cache.dir / "views")
+    again = oracle_datamodule(subset, tmp_path / "cache", shard_size=2, extract_batch_size=2)
+    again.setup("test")
+    # only the corrupt shard's two entries, found while building the view, are extracted again
+    assert again.extraction["test/none"]["extracted"] == 2
+    rebuilt = again.datasets[("test", "none")].__getitems__(indices)
+    torch.testing.assert_close(rebuilt["d_local"], view_batch["d_local"], atol=1e-6, rtol=1e-5)
 
 
 def write_bad_manifest(toy: Path, folder: Path) -> Path:

@@ -6,6 +6,11 @@ preprocessing, perturbation, library versions, extraction-code fingerprint, FEAT
 
     <cache_dir>/<stage_key[:16]>/manifest.json       the descriptor, and per shard: sha256, size, entry keys
     <cache_dir>/<stage_key[:16]>/shards/<sha256[:24]>.safetensors
+    <cache_dir>/<stage_key[:16]>/views/<view_key[:16]>/...   per-image views of splits, built from the shards
+                                                           (view.py): what training streams
+
+The shards hold every per-object embedding, for analyses; `FeatureCache.tables` reads them one shard at a time
+(the view builder), `load` all at once (small splits, `per_object_batches`).
 
 An entry is keyed by the image's content hash (sha256 of the file bytes), combined with the manifest
 annotations an oracle reads (caption, boxes) when one is used. Editing an image, or its oracle caption,
@@ -459,25 +464,35 @@ class FeatureCache:
             raise CorruptShardError("inconsistent with the manifest (different entries)")
         return table
 
-    def load(self, keys: Sequence[str]) -> tuple[FeatureTable, dict[str, str]]:
-        """Verified features of the requested keys that are cached (one row per distinct key, in first-seen
-        order), and the recorded skips among them. Corrupt shards are dropped; their keys are then absent."""
+    def tables(self, keys: Sequence[str]) -> Iterator[FeatureTable]:
+        """Verified features of the requested keys that are cached, one shard at a time (in manifest order,
+        each key once, the shard's rows in its order), so that a caller streaming over a large split holds one
+        shard in memory. Corrupt shards are dropped; their keys are then absent."""
         manifest = self.read_manifest()
-        wanted = dict.fromkeys(keys)
-        by_shard: dict[str, list[str]] = {}
+        wanted = set(keys)
         for name, record in manifest["shards"].items():
             hits = [k for k in record["keys"] if k in wanted]
-            if hits:
-                by_shard[name] = hits
-        parts = []
-        for name, hits in by_shard.items():
+            if not hits:
+                continue
             try:
-                table = self._read_shard(name, manifest["shards"][name])
+                table = self._read_shard(name, record)
             except CorruptShardError as err:
                 self._drop_shard(name, str(err))
                 continue
-            parts.append(table.select([table.key_index[k] for k in hits]))
-        table = FeatureTable.concat(parts)
+            wanted.difference_update(hits)
+            yield table if len(hits) == len(table) else table.select([table.key_index[k] for k in hits])
+
+    def skipped(self, keys: Sequence[str]) -> dict[str, str]:
+        """The recorded skips (undecodable images) among `keys`."""
+        wanted = set(keys)
+        return {k: r for k, r in self.read_manifest()["skipped"].items() if k in wanted}
+
+    def load(self, keys: Sequence[str]) -> tuple[FeatureTable, dict[str, str]]:
+        """Verified features of the requested keys that are cached (one row per distinct key, in first-seen
+        order), and the recorded skips among them, all in memory (every per-object embedding: for analyses
+        and small splits; training streams the per-image view of `view.py`). Corrupt shards are dropped;
+        their keys are then absent."""
+        wanted = dict.fromkeys(keys)
+        table = FeatureTable.concat(list(self.tables(list(wanted))))
         order = [table.key_index[k] for k in wanted if k in table.key_index]
-        skipped = {k: r for k, r in manifest["skipped"].items() if k in wanted}
-        return table.select(order), skipped
+        return table.select(order), self.skipped(list(wanted))

@@ -1,22 +1,29 @@
 """`ItemFeatures`: the datamodule of ITEM. Indexes real/generated images like `RealFakeFolder` (same roots,
 manifests, `name=folder` roots, per-generator test sets), runs the frozen stage once per image into the
-feature cache, and serves batches of cached CLIP embeddings to the MLP head.
+feature cache, and serves batches to the MLP head (and to UniFD) from the split's per-image view.
 
-Batches are dicts: `global_image`, `global_text` (B, d) = I_0, T_0; `local_image`, `local_text` (B, K, d) =
-I_i, T_i padded to the batch's largest object count K with `local_mask` (B, K); `label`, `generator_id`,
-`index`, `path`, `caption`; and `skipped`, the (path, reason) of images of the batch that could not be decoded
-(counted by the CLI's DataHealthCallback, as for RealFakeFolder).
+Batches are dicts: `global_image` (B, d) = I_0; `d_global` (B, d) = D_g (Eq. 4); `d_local` (B, d) = Eq. 7's
+mean over the image's objects of D_l^i (Eq. 6; zero for an image without objects) and `n_objects` (B,), from
+which `ItemDetector.distance` applies its `empty_local` policy; `label`, `generator_id`, `index`, `path`,
+`caption`; and `skipped`, the (path, reason) of images of the batch that could not be decoded (counted by the
+CLI's DataHealthCallback, as for RealFakeFolder). With `per_object_batches: true` they hold instead the cached
+embeddings themselves: `global_image`, `global_text` (B, d) = I_0, T_0 and `local_image`, `local_text`
+(B, K, d) = I_i, T_i padded to the batch's largest object count K with `local_mask` (B, K).
 
 Cache-building path: with `extract_missing: true`, `setup` extracts what the cache lacks (under the cache's
-lock) and then reads everything back through the verified loader, so a batch only ever holds entries whose
-shard passed its checksum. With `extract_missing: false`, a miss is an error naming `forgelab extract`.
-With `cache_dir: null` nothing is cached: the frozen stage runs on every batch of every epoch (the
-UniversalFakeDetect way; for comparison and one-off runs).
+lock), then builds the split's per-image view once from the verified shards (`view.py`; reused while the
+split's entries and the stage are unchanged), so a batch only ever holds entries whose shard passed its
+checksum. Training streams the view chunk by chunk (`ChunkSampler`: each epoch the chunk order, then the rows
+within each chunk, are shuffled with `shuffle_seed + epoch`); the per-object embeddings stay on disk in the
+shards, for analyses. With `extract_missing: false`, a miss is an error naming `forgelab extract`. With
+`cache_dir: null` nothing is cached: the frozen stage runs on every batch of every epoch (the
+UniversalFakeDetect way; for comparison and one-off runs) and its batches are reduced the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +45,7 @@ from projects.item_detector.captioning import CaptionerConfig
 from projects.item_detector.clip_encoders import ClipConfig
 from projects.item_detector.frozen import FrozenStage
 from projects.item_detector.grounding import GrounderConfig
+from projects.item_detector.view import ChunkSampler, FeatureView, build_view, per_image_batch
 
 log = logging.getLogger("forgelab.item")
 
@@ -183,10 +191,97 @@ def _extract_share(
     return extracted, skipped_count
 
 
-class FeatureDataset(Dataset):
-    """Rows of a FeatureTable in sample order; samples without features (undecodable) become skip records.
+class SplitDataset(Dataset):
+    """A split's samples and labels; subclasses fetch the features of a batch (`__getitems__`, so a DataLoader
+    gets a whole batch with a few tensor gathers) and `assemble` adds what every batch carries."""
 
-    Implements `__getitems__`, so a DataLoader fetches a whole batch with a few tensor gathers."""
+    def __init__(self, samples: Sequence[Sample], generators: Sequence[str]) -> None:
+        self.samples = list(samples)
+        generator_index = {name: i for i, name in enumerate(generators)}
+        self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
+        self.generator_ids = torch.tensor([generator_index.get(s.generator, -1) for s in self.samples])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int | None:
+        """The embedding size, None while unknown (no features)."""
+        raise NotImplementedError
+
+    def assemble(
+        self, indices: Sequence[int], features: dict[str, Any], good: Sequence[int], reasons: dict[int, str]
+    ) -> dict[str, Any]:
+        """The batch of dataset `indices`: `features` of the `good` ones (in that order); the others are skips
+        with their reason."""
+        index = torch.tensor(list(good), dtype=torch.long)
+        kept = set(good)
+        return features | {
+            "label": self.labels[index],
+            "generator_id": self.generator_ids[index],
+            "index": index,
+            "path": [self.samples[i].path for i in good],
+            "skipped": [(self.samples[i].path, reasons.get(i, "missing")) for i in indices if i not in kept],
+        }
+
+
+class FeatureDataset(SplitDataset):
+    """A split served from its per-image view (`view.py`), streamed from disk: batches hold `global_image`,
+    `d_global`, `d_local`, `n_objects` and `caption` per image; samples without features (undecodable) become
+    skip records. `sampler()` gives the loader's order (`ChunkSampler`: chunk by chunk, shuffled for training)."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        keys: Sequence[str | None],
+        view: FeatureView,
+        skipped: dict[str, str],
+        generators: Sequence[str],
+    ) -> None:
+        super().__init__(samples, generators)
+        self.view = view
+        row_of = view.row_of
+        self.rows = torch.tensor([row_of.get(k, -1) if k else -1 for k in keys], dtype=torch.int64)
+        self.skip_reasons = {i: skipped[k] for i, k in enumerate(keys) if k in skipped}
+
+    @property
+    def dim(self) -> int | None:
+        return self.view.dim if len(self.view) else None
+
+    def groups(self) -> list[torch.Tensor]:
+        """Dataset indices per view chunk, in row order, then those without features."""
+        have = torch.nonzero(self.rows >= 0).flatten()
+        order = have[torch.argsort(self.rows[have], stable=True)]
+        counts = torch.bincount(self.view.chunk_of(self.rows[order]), minlength=len(self.view.chunks))
+        return [*torch.split(order, counts.tolist()), torch.nonzero(self.rows < 0).flatten()]
+
+    def sampler(self, shuffle: bool, seed: int, pad: bool = True) -> ChunkSampler:
+        return ChunkSampler(self.groups(), shuffle=shuffle, seed=seed, pad=pad)
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        rows = self.rows[torch.as_tensor(list(indices), dtype=torch.int64)]
+        good = [i for i, row in zip(indices, rows.tolist(), strict=True) if row >= 0]
+        if good:
+            features = self.view.read(rows[rows >= 0])
+        else:
+            features = {
+                name: torch.zeros(0, self.view.dim) for name in ("global_image", "d_global", "d_local")
+            }
+            features |= {"n_objects": torch.zeros(0, dtype=torch.int64), "caption": []}
+        return self.assemble(indices, features, good, self.skip_reasons)
+
+
+class ObjectFeatureDataset(SplitDataset):
+    """A split's rows of an in-memory FeatureTable (every per-object embedding; `per_object_batches`): batches
+    hold `global_image`, `global_text` (B, d) and `local_image`, `local_text` (B, K, d) padded to the batch's
+    largest object count K with `local_mask` (B, K), for ablations needing another reduction over objects than
+    Eq. 7's mean; or, with `per_object=False`, the per-image batches the view serves."""
 
     def __init__(
         self,
@@ -195,43 +290,27 @@ class FeatureDataset(Dataset):
         table: FeatureTable,
         skipped: dict[str, str],
         generators: Sequence[str],
+        per_object: bool = True,
     ) -> None:
-        self.samples, self.table = list(samples), table
+        super().__init__(samples, generators)
+        self.table, self.per_object = table, per_object
         self.rows = [table.key_index.get(k) if k else None for k in keys]
-        self.skip_reasons = [None if k is None else skipped.get(k) for k in keys]
-        generator_index = {name: i for i, name in enumerate(generators)}
-        self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
-        self.generator_ids = torch.tensor([generator_index.get(s.generator, -1) for s in self.samples])
+        self.skip_reasons = {i: skipped[k] for i, k in enumerate(keys) if k in skipped}
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    @property
+    def dim(self) -> int | None:
+        return self.table.dim if len(self.table) else None
 
-    def assemble(
-        self, indices: Sequence[int], table: FeatureTable, rows: dict[int, int], reasons: dict[int, str]
-    ) -> dict[str, Any]:
-        """The batch of dataset `indices` whose features are `table` rows `rows[i]`; the others are skips."""
-        good = [i for i in indices if i in rows]
-        batch = table.batch([rows[i] for i in good])
-        index = torch.tensor(good, dtype=torch.long)
-        batch |= {
-            "label": self.labels[index],
-            "generator_id": self.generator_ids[index],
-            "index": index,
-            "path": [self.samples[i].path for i in good],
-            "skipped": [(self.samples[i].path, reasons.get(i, "missing")) for i in indices if i not in rows],
-        }
-        return batch
+    def table_batch(self, table: FeatureTable, rows: Sequence[int]) -> dict[str, Any]:
+        return table.batch(rows) if self.per_object else per_image_batch(table, rows)
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
-        rows = {i: self.rows[i] for i in indices if self.rows[i] is not None}
-        reasons = {i: self.skip_reasons[i] for i in indices if self.skip_reasons[i]}
-        return self.assemble(indices, self.table, rows, reasons)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])
+        good = [i for i in indices if self.rows[i] is not None]
+        features = self.table_batch(self.table, [self.rows[i] for i in good])
+        return self.assemble(indices, features, good, self.skip_reasons)
 
 
-class RecomputeDataset(FeatureDataset):
+class RecomputeDataset(ObjectFeatureDataset):
     """No cache: decode and run the frozen stage for every batch, every epoch (the UniversalFakeDetect way)."""
 
     def __init__(
@@ -241,11 +320,16 @@ class RecomputeDataset(FeatureDataset):
         stage: FrozenStage,
         perturbation: Perturbation,
         generators: Sequence[str],
+        per_object: bool = False,
     ) -> None:
-        super().__init__(samples, [None] * len(samples), FeatureTable.empty(), {}, generators)
+        super().__init__(samples, [None] * len(samples), FeatureTable.empty(), {}, generators, per_object)
         self.stage = stage
         self.decode = DecodeDataset([(s, c or "", c or "") for s, c in zip(samples, contents)], perturbation)
         self.readable = [c is not None for c in contents]
+
+    @property
+    def dim(self) -> int | None:
+        return self.stage.feature_dim
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
         decoded = {i: self.decode[i] for i in indices if self.readable[i]}
@@ -253,7 +337,7 @@ class RecomputeDataset(FeatureDataset):
         features = self.stage.run([decoded[i]["image"] for i in good], [decoded[i]["sample"] for i in good])
         table = FeatureTable.from_features([decoded[i]["key"] for i in good], features)
         reasons = {i: item["skip"] for i, item in decoded.items() if "skip" in item}
-        return self.assemble(indices, table, {i: row for row, i in enumerate(good)}, reasons)
+        return self.assemble(indices, self.table_batch(table, range(len(good))), good, reasons)
 
 
 class ItemFeatures(L.LightningDataModule):
@@ -274,8 +358,15 @@ class ItemFeatures(L.LightningDataModule):
         extract_batch_size, extract_workers, shard_size: extraction batching, decoding processes, and images per
             committed shard (the unit of resumption).
         clip_batch_size: images/texts per CLIP forward during extraction.
-        batch_size, eval_batch_size, num_workers: head training batches (features are in memory: workers are
-            rarely worth it).
+        batch_size, eval_batch_size, num_workers: head training batches (reading the view is cheap: workers are
+            rarely worth it; each would hold its own one-chunk buffer).
+        view_chunk_rows: images per chunk file of the per-image view (the unit of reading and of the training
+            shuffle; 8192 rows of d = 768 are 75 MB).
+        shuffle_seed: seed of the training order (`ChunkSampler`: per epoch, the chunk order, then the rows
+            within each chunk); None takes the run's `seed_everything` (PL_GLOBAL_SEED), else 0.
+        per_object_batches: serve every per-object embedding (the shards' FeatureTable, in memory) instead of
+            the per-image view, for an ablation needing another reduction over objects than Eq. 7's mean. The
+            detector's options (`w_global`, `w_local`, `empty_local`) are all served by the view.
     """
 
     def __init__(
@@ -303,6 +394,9 @@ class ItemFeatures(L.LightningDataModule):
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        view_chunk_rows: int = 8192,
+        shuffle_seed: int | None = None,
+        per_object_batches: bool = False,
         toy_world: str | None = None,
     ) -> None:
         super().__init__()
@@ -311,6 +405,7 @@ class ItemFeatures(L.LightningDataModule):
             ("extract_batch_size", extract_batch_size),
             ("shard_size", shard_size),
             ("clip_batch_size", clip_batch_size),
+            ("view_chunk_rows", view_chunk_rows),
         ):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -337,11 +432,13 @@ class ItemFeatures(L.LightningDataModule):
         )
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.view_chunk_rows, self.shuffle_seed = view_chunk_rows, shuffle_seed
+        self.per_object_batches = per_object_batches
         self.stage = FrozenStage(captioner, grounder, clip, preset, device, dtype, clip_batch_size)
         self.skips = SkipLog("ItemFeatures")
         self.samples: dict[str, list[Sample]] = {}
         self.generators: list[str] = []
-        self.datasets: dict[tuple[str, str], FeatureDataset] = {}
+        self.datasets: dict[tuple[str, str], SplitDataset] = {}
         self.feature_health: dict[str, dict[str, int]] = {}
         self.extraction: dict[str, dict[str, Any]] = {}
         self._contents: dict[str, str | None] = {}
@@ -405,8 +502,10 @@ class ItemFeatures(L.LightningDataModule):
         """Perturbations a split is seen under: the test conditions for test, clean otherwise."""
         return self.test_conditions if split == "test" else ["none"]
 
-    def features(self, split: str, condition: str = "none") -> FeatureDataset:
-        """The split's features under `condition`, extracting what the cache lacks when allowed."""
+    def features(self, split: str, condition: str = "none") -> SplitDataset:
+        """The split's features under `condition`, extracting what the cache lacks when allowed: its per-image
+        view (built once from the shards, then streamed), or with `per_object_batches` every per-object
+        embedding in memory."""
         if (split, condition) in self.datasets:
             return self.datasets[(split, condition)]
         self._index()
@@ -422,54 +521,77 @@ class ItemFeatures(L.LightningDataModule):
         perturbation = Perturbation.parse(condition)
         contents = self._hashes(samples)
         if self.cache_dir is None:
-            dataset: FeatureDataset = RecomputeDataset(
-                samples, contents, self.stage, perturbation, self.generators
+            dataset: SplitDataset = RecomputeDataset(
+                samples, contents, self.stage, perturbation, self.generators, self.per_object_batches
             )
             self.datasets[(split, condition)] = dataset
             return dataset
         keys = [entry_key(c, self.stage.annotations(s)) if c else None for s, c in zip(samples, contents)]
         cache = FeatureCache(self.cache_dir, self.stage.descriptor(perturbation.spec))
         name = f"{split}/{condition}"
-        table, skipped = cache.load([k for k in keys if k])
-        missing = {k for k in keys if k and k not in table.key_index and k not in skipped}
-        if missing:
-            if not self.extract_missing:
-                raise ConfigError(
-                    f"the feature cache {cache.dir} lacks {len(missing)} of {len(samples)} {name} images: run "
-                    f"`forgelab extract` with the same --config files first, or set "
-                    f"data.init_args.extract_missing=true"
-                )
-            items = [(s, k, c) for s, k, c in zip(samples, keys, contents) if k in missing]
-            self.extraction[name] = ensure_features(
-                self.stage,
-                cache,
-                items,
-                perturbation,
-                self.extract_batch_size,
-                self.shard_size,
-                self.extract_workers,
-                description=f"ITEM features {name}",
-            )
-            log.info("ItemFeatures %s: extracted %s", name, self.extraction[name])
-            table, skipped = cache.load([k for k in keys if k])  # read back verified, like any cached entry
-            still = {k for k in keys if k and k not in table.key_index and k not in skipped}
-            if still:
-                raise RuntimeError(
-                    f"{len(still)} {name} entries are missing right after extraction in {cache.dir}"
-                )
-        dataset = FeatureDataset(samples, keys, table, skipped, self.generators)
+        wanted = [k for k in keys if k]
+        for attempt in range(2):  # a shard found corrupt while reading is dropped: extract it again, once
+            present, skipped = cache.status(wanted)
+            missing = {k for k in wanted if k not in present and k not in skipped}
+            if missing:
+                self._extract_missing(name, cache, samples, keys, contents, missing, perturbation)
+                skipped = cache.skipped(wanted)
+            if self.per_object_batches:
+                table, skipped = cache.load(wanted)  # read back verified, like any cached entry
+                served: FeatureTable | FeatureView | None = table
+                lacking = any(k not in table.key_index and k not in skipped for k in wanted)
+            else:
+                served = build_view(cache, [k for k in wanted if k not in skipped], self.view_chunk_rows)
+                lacking = served is None
+            if not lacking:
+                break
+            if attempt:
+                raise RuntimeError(f"{name} entries are missing from {cache.dir} right after extraction")
+        if isinstance(served, FeatureTable):
+            dataset = ObjectFeatureDataset(samples, keys, served, skipped, self.generators)
+            health, entries = served.flag_totals(), len(served)
+        else:
+            dataset = FeatureDataset(samples, keys, served, skipped, self.generators)
+            health, entries = dict(served.flag_totals), len(served)
         self.datasets[(split, condition)] = dataset
-        self.feature_health[name] = table.flag_totals() | {"undecodable": len(skipped)}
-        log.info("ItemFeatures %s: %d cached entries, %s", name, len(table), self.feature_health[name])
+        self.feature_health[name] = health | {"undecodable": len(skipped)}
+        log.info("ItemFeatures %s: %d cached entries, %s", name, entries, self.feature_health[name])
         return dataset
+
+    def _extract_missing(
+        self,
+        name: str,
+        cache: FeatureCache,
+        samples: Sequence[Sample],
+        keys: Sequence[str | None],
+        contents: Sequence[str | None],
+        missing: set[str],
+        perturbation: Perturbation,
+    ) -> None:
+        if not self.extract_missing:
+            raise ConfigError(
+                f"the feature cache {cache.dir} lacks {len(missing)} of {len(samples)} {name} images: run "
+                f"`forgelab extract` with the same --config files first, or set "
+                f"data.init_args.extract_missing=true"
+            )
+        items = [(s, k, c) for s, k, c in zip(samples, keys, contents) if k in missing]
+        self.extraction[name] = ensure_features(
+            self.stage,
+            cache,
+            items,
+            perturbation,
+            self.extract_batch_size,
+            self.shard_size,
+            self.extract_workers,
+            description=f"ITEM features {name}",
+        )
+        log.info("ItemFeatures %s: extracted %s", name, self.extraction[name])
 
     @property
     def feature_dim(self) -> int | None:
         for dataset in self.datasets.values():
-            if len(dataset.table):
-                return dataset.table.dim
-        if self.cache_dir is None and self.datasets:
-            return self.stage.feature_dim
+            if dataset.dim is not None:
+                return dataset.dim
         return None
 
     def setup(self, stage: str | None = None) -> None:
@@ -485,10 +607,16 @@ class ItemFeatures(L.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------------------------
     def _loader(self, split: str, condition: str = "none") -> DataLoader:
         train = split == "train"
+        dataset = self.features(split, condition)
+        sampler = None
+        if isinstance(dataset, FeatureDataset):  # chunk by chunk; shuffled for training (see ChunkSampler)
+            seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.getenv("PL_GLOBAL_SEED", 0))
+            sampler = dataset.sampler(shuffle=train, seed=seed, pad=split != "predict")
         return DataLoader(
-            self.features(split, condition),
+            dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            shuffle=train if sampler is None else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=_identity,
         )

@@ -8,8 +8,10 @@ num_nodes, strategy and plugins say on how many ranks to run, as for fit: `confi
 of a node under torchrun or srun, `ddp_sim.yaml` for two CPU processes; `run.project`/`run.root` say where the
 report goes; model is accepted and ignored), so the cache keys are exactly the ones training will look up. Each
 rank extracts a disjoint share of what the cache lacks and commits its own shards (`ensure_features`); the
-result is the cache one process would write, and an interrupted run resumes on any number of ranks. Extraction shows a progress bar per split and test condition, commits a shard
-every `data.init_args.shard_size` images, and resumes after an interruption from the last committed shard.
+result is the cache one process would write, and an interrupted run resumes on any number of ranks. Extraction
+shows a progress bar per split and test condition, commits a shard every `data.init_args.shard_size` images,
+resumes after an interruption from the last committed shard, and builds each split's per-image view
+(`view.py`) that training streams.
 A report (`extract_report.json`: requested, already cached, extracted, undecodable, seconds, images/s, and
 ITEM's input checks per split) goes to `runs/<project>/extract-<time>/`.
 """

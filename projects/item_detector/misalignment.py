@@ -45,6 +45,24 @@ def local_distance(
     return torch.where(count > 0, mean, fallback)
 
 
+def mean_object_distance(object_distances: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """ITEM Eq. 7's mean (1/n) sum_i D_l^i over ragged rows: `object_distances` (M, d) holds the objects of
+    N images one after another, `counts` (N,) how many each has. Rows with n = 0 are zero; `with_fallback`
+    gives them their D_l. This is what the per-image view stores, so Eq. 7 need not see every object again."""
+    device, dtype = object_distances.device, object_distances.dtype
+    counts = counts.to(device=device, dtype=torch.int64)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+    sums = torch.zeros(len(counts), object_distances.shape[-1], dtype=dtype, device=device)
+    sums.index_add_(0, owner, object_distances)
+    return sums / counts.clamp_min(1).unsqueeze(-1).to(dtype)
+
+
+def with_fallback(mean_distance: torch.Tensor, counts: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Eq. 7's D_l from its precomputed mean: rows whose image has no grounded object (count 0) take
+    `fallback` (see `empty_local_fallback`), as in `local_distance`."""
+    return torch.where((counts > 0).unsqueeze(-1), mean_distance, fallback)
+
+
 def hierarchical_distance(
     global_distance: torch.Tensor, local_distance: torch.Tensor, w_global: float = 1.0, w_local: float = 1.0
 ) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """`ItemDetector`: ITEM's trainable part, read as Algorithm 1 lines 4-9 on cached frozen features.
 
 forward(batch): D_g (Eq. 4) and D_l^i (Eq. 6) by `misalignment_vector`, D_l (Eq. 7), D = w1 D_g + w2 D_l (Eq. 8),
-logits = MLP(D) (Eq. 9); the loss is Eq. 10. Only the head has parameters (AdamW, lr 1e-3, weight decay 1e-3,
-50 epochs, as the paper). The frozen models never enter this module: they live in the datamodule's cached
+logits = MLP(D) (Eq. 9); the loss is Eq. 10. The datamodule's per-image view holds D_g and Eq. 7's mean already
+(computed once, when the view is built). Only the head has parameters (AdamW, lr 1e-3, weight decay 1e-3, 50
+epochs, as the paper). The frozen models never enter this module: they live in the datamodule's cached
 stage, so "only the head trains" holds by construction.
 
 RealFakeTask writes the per-generator report, the paper-shaped Tables I-III and, when the datamodule has
@@ -31,6 +32,7 @@ from projects.item_detector.misalignment import (
     hierarchical_distance,
     local_distance,
     misalignment_vector,
+    with_fallback,
 )
 from projects.item_detector.report import tsne_figure
 
@@ -105,11 +107,17 @@ class ItemDetector(RealFakeTask):
 
     # -- Algorithm 1, lines 4-9 ------------------------------------------------------------------------------
     def distance(self, batch: dict[str, Any]) -> torch.Tensor:
-        """D of Eq. 8 from the batch's cached CLIP embeddings."""
-        d_global = misalignment_vector(batch["global_image"], batch["global_text"])  # Eq. 4
-        d_objects = misalignment_vector(batch["local_image"], batch["local_text"])  # Eq. 6
-        fallback = empty_local_fallback(d_global, self.hparams.empty_local)
-        d_local = local_distance(d_objects, batch["local_mask"], fallback)  # Eq. 7
+        """D of Eq. 8, from the per-image view's D_g, mean D_l^i and object count (the default batches), or
+        from the CLIP embeddings themselves (`per_object_batches`: I_0, T_0 and the padded I_i, T_i)."""
+        if "d_local" in batch:  # Eq. 4, 6 and Eq. 7's mean were computed once, when the view was built
+            d_global = batch["d_global"]
+            fallback = empty_local_fallback(d_global, self.hparams.empty_local)
+            d_local = with_fallback(batch["d_local"], batch["n_objects"], fallback)  # Eq. 7
+        else:
+            d_global = misalignment_vector(batch["global_image"], batch["global_text"])  # Eq. 4
+            d_objects = misalignment_vector(batch["local_image"], batch["local_text"])  # Eq. 6
+            fallback = empty_local_fallback(d_global, self.hparams.empty_local)
+            d_local = local_distance(d_objects, batch["local_mask"], fallback)  # Eq. 7
         return hierarchical_distance(d_global, d_local, self.hparams.w_global, self.hparams.w_local)  # Eq. 8
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
