@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -207,3 +208,19 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     return code, out.getvalue(), err.getvalue()
+
+
+def kill_one_spawned_rank(parent: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the last rank a `ddp_spawn` launcher (`parent`) started, then wait for the launcher to end the
+    other ranks and fail (the kill tests of the distributed jobs)."""
+    import os
+    import signal
+
+    import psutil
+
+    children = psutil.Process(parent.pid).children(recursive=True)
+    ranks = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    assert len(ranks) >= 2, [p.cmdline() for p in children]
+    os.kill(ranks[-1].pid, signal.SIGKILL)
+    _, stderr = parent.communicate(timeout=120)
+    assert parent.returncode != 0, stderr.decode()[-2000:]
